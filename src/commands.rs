@@ -1,0 +1,366 @@
+//! The CLI commands: each takes validated settings, does the work through [`crate::pod`] and
+//! [`crate::remote`], and prints the result (a table, a line, or JSON).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context as _, Result, bail};
+use serde_json::json;
+
+use crate::config::{self, Remotes, VolumeDir, mask_url};
+use crate::pod::load::{Action, Strategy};
+use crate::pod::manifest::Kind;
+use crate::pod::read::{read_info, read_version, resolve_version};
+use crate::pod::save::SaveParams;
+use crate::pod::{PodName, PodRef};
+use crate::progress::{self, Progress};
+use crate::remote::{self, OpenParams, Remote};
+
+/// What every command needs: the volume dir and the configured remotes.
+pub struct Context {
+    pub volume: VolumeDir,
+    pub remotes: Remotes,
+}
+
+impl Context {
+    pub fn from_env() -> Result<Self> {
+        let volume = VolumeDir::from_env()?;
+        let remotes = Remotes::load(&volume)?;
+        Ok(Self { volume, remotes })
+    }
+
+    /// Resolves remote `name`'s URL from the environment and opens its backend.
+    pub async fn open_remote(&self, name: &str) -> Result<Arc<dyn Remote>> {
+        let template = self.remotes.template(&self.volume, name)?;
+        let url = config::resolve(name, &template)?;
+        let params = OpenParams {
+            staging_dir: Some(self.volume.staging_dir()),
+        };
+        Ok(remote::open(name, &url, &params).await?)
+    }
+
+    fn progress(&self) -> Arc<dyn Progress> {
+        Arc::from(progress::for_stderr())
+    }
+}
+
+pub fn remote_add(ctx: &mut Context, name: &str, url: &str) -> Result<()> {
+    ctx.remotes.add(name, url)?;
+    println!("Added remote {name} ({})", mask_url(url));
+    Ok(())
+}
+
+pub fn remote_delete(ctx: &mut Context, name: &str) -> Result<()> {
+    ctx.remotes.delete(name)?;
+    println!("Deleted remote {name} (its pods stay where they are)");
+    Ok(())
+}
+
+pub fn remote_list(ctx: &Context, as_json: bool) -> Result<()> {
+    let rows: Vec<(String, String)> = ctx
+        .remotes
+        .list(&ctx.volume)
+        .into_iter()
+        .map(|(n, u)| (n, mask_url(&u)))
+        .collect();
+    if as_json {
+        let v: Vec<_> = rows
+            .iter()
+            .map(|(n, u)| json!({"name": n, "url": u}))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        let w = rows.iter().map(|(n, _)| n.len()).max().unwrap_or(4).max(4);
+        println!("{:w$}  URL", "NAME");
+        for (n, u) in rows {
+            println!("{n:w$}  {u}");
+        }
+    }
+    Ok(())
+}
+
+/// Settings of `podfs save`.
+pub struct SaveArgs {
+    pub pod: String,
+    pub remote: String,
+    pub from: PathBuf,
+    pub message: String,
+    pub json: bool,
+}
+
+pub async fn save(ctx: &Context, args: SaveArgs) -> Result<()> {
+    let pod = PodName::new(&args.pod)?;
+    let remote = ctx.open_remote(&args.remote).await?;
+    let params = SaveParams {
+        message: args.message,
+        creator: config::creator(),
+        staging_dir: ctx.volume.staging_dir(),
+        ..SaveParams::default()
+    };
+    let out = crate::pod::save::save(&remote, &pod, &args.from, &params, &ctx.progress())
+        .await
+        .with_context(|| format!("saving {} as pod {pod}", args.from.display()))?;
+    for path in &out.skipped {
+        eprintln!(
+            "warning: skipped {} (sockets, FIFOs and devices cannot be saved)",
+            path.display()
+        );
+    }
+    if args.json {
+        let v = json!({
+            "pod": pod.as_str(), "remote": args.remote, "version": out.version,
+            "previous": out.previous, "created": out.version.is_some(),
+            "files": out.file_count, "bytes": out.logical_bytes,
+            "changed_files": out.changed_files, "stored_bytes": out.stored_bytes,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else if let Some(v) = out.version {
+        println!(
+            "Saved version {v} of pod {pod} on remote {}: {} files, {}; {} new or changed, {} stored",
+            args.remote,
+            out.file_count,
+            human_bytes(out.logical_bytes),
+            out.changed_files,
+            human_bytes(out.stored_bytes)
+        );
+    } else {
+        println!(
+            "Nothing changed since version {} of pod {pod} on remote {}: no version made",
+            out.previous.unwrap_or(0),
+            args.remote
+        );
+    }
+    Ok(())
+}
+
+/// Settings of `podfs load`.
+pub struct LoadArgs {
+    pub pod: PodRef,
+    pub remote: String,
+    pub into: PathBuf,
+    pub strategy: Strategy,
+    pub dry_run: bool,
+    pub json: bool,
+}
+
+pub async fn load(ctx: &Context, args: LoadArgs) -> Result<()> {
+    let remote = ctx.open_remote(&args.remote).await?;
+    let pod = &args.pod.pod;
+    let plan = crate::pod::load::load(
+        &remote,
+        pod,
+        args.pod.version,
+        &args.into,
+        args.strategy,
+        args.dry_run,
+        &ctx.progress(),
+    )
+    .await
+    .with_context(|| format!("loading pod {pod} into {}", args.into.display()))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&plan)?);
+        return Ok(());
+    }
+    if args.dry_run {
+        for (path, action) in &plan.changes {
+            let sign = match action {
+                Action::Add => '+',
+                Action::Change => '~',
+                Action::Remove => '-',
+            };
+            println!("{sign} {path}");
+        }
+    }
+    println!(
+        "{} version {} of pod {pod} from remote {} into {}: {} added, {} changed, {} removed, {} unchanged",
+        if args.dry_run { "Would load" } else { "Loaded" },
+        plan.version,
+        args.remote,
+        args.into.display(),
+        plan.count(Action::Add),
+        plan.count(Action::Change),
+        plan.count(Action::Remove),
+        plan.unchanged
+    );
+    Ok(())
+}
+
+pub async fn list(ctx: &Context, remote_name: &str, as_json: bool) -> Result<()> {
+    let remote = ctx.open_remote(remote_name).await?;
+    let mut rows = Vec::new();
+    for pod in remote.list_pods().await? {
+        let Some(&latest) = remote.list_versions(&pod).await?.last() else {
+            continue;
+        };
+        let info = read_info(&remote, &pod, latest).await?;
+        rows.push((pod, info));
+    }
+    if as_json {
+        let v: Vec<_> = rows
+            .iter()
+            .map(|(p, i)| {
+                json!({"name": p.as_str(), "latest": i.version, "changed": i.created_at,
+                       "files": i.file_count, "bytes": i.logical_bytes})
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    if rows.is_empty() {
+        println!("No pods on remote {remote_name}: `podfs save POD {remote_name}` makes one");
+        return Ok(());
+    }
+    let w = rows
+        .iter()
+        .map(|(p, _)| p.as_str().len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    println!(
+        "{:w$}  {:>6}  {:20}  {:>10}",
+        "NAME", "LATEST", "CHANGED", "SIZE"
+    );
+    for (p, i) in rows {
+        println!(
+            "{:w$}  {:>6}  {:20}  {:>10}",
+            p.as_str(),
+            i.version,
+            i.created_at,
+            human_bytes(i.logical_bytes)
+        );
+    }
+    Ok(())
+}
+
+pub async fn versions(ctx: &Context, pod: &str, remote_name: &str, as_json: bool) -> Result<()> {
+    let pod = PodName::new(pod)?;
+    let remote = ctx.open_remote(remote_name).await?;
+    let versions = crate::pod::read::versions_of(&remote, &pod).await?;
+    let mut infos = Vec::new();
+    for v in versions {
+        infos.push(read_info(&remote, &pod, v).await?);
+    }
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&infos)?);
+        return Ok(());
+    }
+    println!(
+        "{:>7}  {:20}  {:>7}  {:>10}  {:>10}  MESSAGE",
+        "VERSION", "CREATED", "FILES", "SIZE", "STORED"
+    );
+    for i in infos {
+        println!(
+            "{:>7}  {:20}  {:>7}  {:>10}  {:>10}  {}",
+            i.version,
+            i.created_at,
+            i.file_count,
+            human_bytes(i.logical_bytes),
+            human_bytes(i.stored_bytes),
+            i.message
+        );
+    }
+    Ok(())
+}
+
+pub async fn inspect(ctx: &Context, pod: &PodRef, remote_name: &str, as_json: bool) -> Result<()> {
+    let remote = ctx.open_remote(remote_name).await?;
+    let version = resolve_version(&remote, &pod.pod, pod.version).await?;
+    let obj = read_version(&remote, &pod.pod, version).await?;
+    if as_json {
+        let v = json!({"version": obj.info, "entries": obj.manifest.entries});
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let i = &obj.info;
+    println!(
+        "pod {} version {} on remote {remote_name}: {} files, {}, created {}{}",
+        i.pod,
+        i.version,
+        i.file_count,
+        human_bytes(i.logical_bytes),
+        i.created_at,
+        if i.message.is_empty() {
+            String::new()
+        } else {
+            format!(", {:?}", i.message)
+        }
+    );
+    for e in &obj.manifest.entries {
+        let (kind, suffix) = match e.kind {
+            Kind::Dir => ('d', "/".to_owned()),
+            Kind::File => ('-', String::new()),
+            Kind::Symlink => (
+                'l',
+                format!(" -> {}", e.target.as_deref().unwrap_or_default()),
+            ),
+        };
+        println!(
+            "{kind}{:04o} {:>10}  {}{suffix}",
+            e.mode,
+            if e.kind == Kind::File {
+                human_bytes(e.size)
+            } else {
+                String::new()
+            },
+            e.path
+        );
+    }
+    Ok(())
+}
+
+pub async fn delete(ctx: &Context, pod: &PodRef, remote_name: &str) -> Result<()> {
+    let remote = ctx.open_remote(remote_name).await?;
+    let out = crate::pod::delete::delete(&remote, &pod.pod, pod.version).await?;
+    match pod.version {
+        Some(v) => println!(
+            "Deleted version {v} of pod {} on remote {remote_name} ({} state objects removed, {} kept: still used by other versions)",
+            pod.pod,
+            out.states_removed.len(),
+            out.states_kept.len()
+        ),
+        None => println!(
+            "Deleted pod {} on remote {remote_name} ({} versions)",
+            pod.pod,
+            out.versions.len()
+        ),
+    }
+    Ok(())
+}
+
+/// The directory a command works on: `given`, else the current directory.
+pub fn dir_or_cwd(given: Option<PathBuf>) -> Result<PathBuf> {
+    match given {
+        Some(d) => Ok(d),
+        None => std::env::current_dir().context("cannot read the current directory"),
+    }
+}
+
+/// Refuses to save into or load over the volume dir itself.
+pub fn check_not_volume(ctx: &Context, dir: &Path) -> Result<()> {
+    if let (Ok(d), Ok(v)) = (dir.canonicalize(), ctx.volume.root().canonicalize())
+        && (d == v || d.starts_with(&v))
+    {
+        bail!(
+            "{} is inside the podfs volume dir {}: choose another directory",
+            dir.display(),
+            v.display()
+        );
+    }
+    Ok(())
+}
+
+/// `1.5 MiB`-style sizes.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}

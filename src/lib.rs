@@ -1,0 +1,13 @@
+//! podfs: versioned snapshots of directory trees ("pods") on S3 buckets, OCI registries and local
+//! directories.
+//!
+//! - [`config`]: the volume dir, `remotes.toml`, remote URL templates and placeholders.
+//! - [`remote`]: the pod-level [`remote::Remote`] trait and its backends.
+//! - [`pod`]: pod names, format v1, save, load, delete.
+//! - [`commands`]: the CLI commands, on top of the above.
+
+pub mod commands;
+pub mod config;
+pub mod pod;
+pub mod progress;
+pub mod remote;

@@ -1,0 +1,485 @@
+//! The version object: `version.json` (what the version is) and `manifest.json` (the whole tree,
+//! with where each file's bytes live). See docs/FORMAT.md; this module is its reference.
+//!
+//! [`VersionObject::decode`] validates everything a loader relies on, so code that holds a decoded
+//! manifest may trust it: every path is relative, normalized and free of NUL; every entry's parent
+//! is a directory of the manifest; entries are sorted and unique; every file points into a state
+//! object the version lists.
+
+use std::collections::HashSet;
+use std::io::{Cursor, Read, Write};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use zip::write::SimpleFileOptions;
+
+use super::{PodError, PodName, PodResult};
+
+/// The format version written into `version.json` and `manifest.json`.
+pub const FORMAT: u32 = 1;
+
+/// Entry names inside the version zip.
+pub const VERSION_JSON: &str = "version.json";
+pub const MANIFEST_JSON: &str = "manifest.json";
+
+/// Largest `version.json` / `manifest.json` we accept when decompressing (zip-bomb guard).
+const MAX_VERSION_JSON: u64 = 1 << 20;
+const MAX_MANIFEST_JSON: u64 = 1 << 30;
+
+/// `version.json`: what a version is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionInfo {
+    pub format: u32,
+    pub pod: String,
+    pub version: u64,
+    pub parent: Option<u64>,
+    /// RFC 3339, UTC.
+    pub created_at: String,
+    #[serde(default)]
+    pub message: String,
+    #[serde(default)]
+    pub creator: String,
+    pub tool_version: String,
+    /// Regular files in the tree.
+    pub file_count: u64,
+    /// Sum of the sizes of the regular files in the tree.
+    pub logical_bytes: u64,
+    /// Size of this version's own state object (0 when it stored no new bytes).
+    pub stored_bytes: u64,
+    /// State objects the manifest refers to, ascending.
+    pub states: Vec<u64>,
+}
+
+/// `manifest.json`: the whole tree.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: u32,
+    pub entries: Vec<Entry>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    File,
+    Dir,
+    Symlink,
+}
+
+/// One path of the tree.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// Relative, '/'-separated, no `.`/`..`/empty components, no NUL.
+    pub path: String,
+    pub kind: Kind,
+    /// Permission bits (`0o7777` at most).
+    pub mode: u32,
+    /// Modification time: seconds since the epoch and nanoseconds.
+    pub mtime: i64,
+    #[serde(default)]
+    pub mtime_nsec: u32,
+    /// File size in bytes (0 for directories and symlinks).
+    #[serde(default)]
+    pub size: u64,
+    /// Symlink target, stored verbatim.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// Where a file's bytes live.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<DataRef>,
+}
+
+/// Where a file's bytes live: a range of a state object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataRef {
+    /// The state object: `localstack-pod-P-state-{state}.zip`.
+    pub state: u64,
+    /// Offset of the entry's (compressed) data inside the state object.
+    pub offset: u64,
+    /// Length of the (compressed) data.
+    pub csize: u64,
+    pub method: Method,
+    /// CRC-32 of the uncompressed bytes.
+    pub crc32: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    Stored,
+    Deflate,
+}
+
+/// A decoded, validated version object.
+#[derive(Debug, Clone)]
+pub struct VersionObject {
+    pub info: VersionInfo,
+    pub manifest: Manifest,
+}
+
+/// Why a path is unsafe, or `None` if it is fine.
+pub fn unsafe_path_reason(path: &str) -> Option<&'static str> {
+    if path.is_empty() {
+        Some("empty path")
+    } else if path.contains('\0') {
+        Some("contains NUL")
+    } else if path.starts_with('/') {
+        Some("absolute path")
+    } else if path.contains('\\') {
+        Some("contains a backslash")
+    } else if path.split('/').any(|c| c == "..") {
+        Some("contains '..'")
+    } else if path.split('/').any(|c| c.is_empty() || c == ".") {
+        Some("empty or '.' component")
+    } else {
+        None
+    }
+}
+
+impl VersionObject {
+    /// Encodes the version zip: `version.json` first, then `manifest.json`, both deflated.
+    pub fn encode(&self) -> PodResult<Bytes> {
+        let corrupt = |reason: String| PodError::Corrupt {
+            pod: self.info.pod.clone(),
+            version: self.info.version,
+            reason,
+        };
+        let mut zip = zip::ZipWriter::new(Cursor::new(Vec::new()));
+        let opts = SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Deflated)
+            .unix_permissions(0o644);
+        let info = serde_json::to_vec_pretty(&self.info).map_err(|e| corrupt(e.to_string()))?;
+        let manifest = serde_json::to_vec(&self.manifest).map_err(|e| corrupt(e.to_string()))?;
+        let large = opts.large_file(manifest.len() as u64 >= u32::MAX as u64);
+        let write = |zip: &mut zip::ZipWriter<_>, name: &str, o, data: &[u8]| {
+            zip.start_file(name, o)
+                .map_err(|e| corrupt(format!("writing {name}: {e}")))?;
+            zip.write_all(data)
+                .map_err(|e| corrupt(format!("writing {name}: {e}")))
+        };
+        write(&mut zip, VERSION_JSON, opts, &info)?;
+        write(&mut zip, MANIFEST_JSON, large, &manifest)?;
+        let cursor = zip
+            .finish()
+            .map_err(|e| corrupt(format!("finishing the version zip: {e}")))?;
+        Ok(Bytes::from(cursor.into_inner()))
+    }
+
+    /// Decodes and validates a version zip that should hold version `version` of `pod`.
+    pub fn decode(pod: &PodName, version: u64, bytes: Bytes) -> PodResult<Self> {
+        let corrupt = |reason: String| PodError::Corrupt {
+            pod: pod.to_string(),
+            version,
+            reason,
+        };
+        let mut zip = zip::ZipArchive::new(Cursor::new(bytes))
+            .map_err(|e| corrupt(format!("the version object is not a readable zip: {e}")))?;
+        for name in zip.file_names() {
+            let name = name.map_err(|e| corrupt(format!("an entry name is unreadable: {e}")))?;
+            if let Some(reason) = unsafe_path_reason(&name) {
+                return Err(PodError::UnsafePath {
+                    pod: pod.to_string(),
+                    version,
+                    path: name.into_owned(),
+                    reason: reason.to_owned(),
+                });
+            }
+        }
+        let mut read_json = |name: &str, limit: u64| -> PodResult<Vec<u8>> {
+            let file = zip.by_name(name).map_err(|e| {
+                corrupt(format!(
+                    "{name}: {e} (is this a podfs pod? it needs {VERSION_JSON} and {MANIFEST_JSON})"
+                ))
+            })?;
+            let mut buf = Vec::new();
+            file.take(limit + 1)
+                .read_to_end(&mut buf)
+                .map_err(|e| corrupt(format!("{name}: {e}")))?;
+            if buf.len() as u64 > limit {
+                return Err(corrupt(format!("{name} is larger than {limit} bytes")));
+            }
+            Ok(buf)
+        };
+        let info: VersionInfo = serde_json::from_slice(&read_json(VERSION_JSON, MAX_VERSION_JSON)?)
+            .map_err(|e| corrupt(format!("{VERSION_JSON}: {e}")))?;
+        let manifest: Manifest =
+            serde_json::from_slice(&read_json(MANIFEST_JSON, MAX_MANIFEST_JSON)?)
+                .map_err(|e| corrupt(format!("{MANIFEST_JSON}: {e}")))?;
+        let obj = Self { info, manifest };
+        obj.validate(pod, version)?;
+        Ok(obj)
+    }
+
+    fn validate(&self, pod: &PodName, version: u64) -> PodResult<()> {
+        let corrupt = |reason: String| PodError::Corrupt {
+            pod: pod.to_string(),
+            version,
+            reason,
+        };
+        let info = &self.info;
+        if info.format != FORMAT || self.manifest.format != FORMAT {
+            return Err(corrupt(format!(
+                "format {} is not supported by this podfs (it reads format {FORMAT}): upgrade podfs",
+                info.format.max(self.manifest.format)
+            )));
+        }
+        if info.pod != pod.as_str() || info.version != version {
+            return Err(corrupt(format!(
+                "the object says it is version {} of pod {:?}",
+                info.version, info.pod
+            )));
+        }
+        if info.parent.is_some_and(|p| p >= version) {
+            return Err(corrupt("its parent is not an earlier version".into()));
+        }
+        let states: HashSet<u64> = info.states.iter().copied().collect();
+        if states.iter().any(|&s| s == 0 || s > version) {
+            return Err(corrupt("it lists a state object that cannot exist".into()));
+        }
+        let mut dirs: HashSet<&str> = HashSet::new();
+        let mut prev: Option<&str> = None;
+        let (mut files, mut bytes) = (0u64, 0u64);
+        for e in &self.manifest.entries {
+            let unsafe_path = |reason: &str| PodError::UnsafePath {
+                pod: pod.to_string(),
+                version,
+                path: e.path.clone(),
+                reason: reason.to_owned(),
+            };
+            if let Some(reason) = unsafe_path_reason(&e.path) {
+                return Err(unsafe_path(reason));
+            }
+            if prev.is_some_and(|p| p >= e.path.as_str()) {
+                return Err(corrupt(format!(
+                    "manifest entries are not sorted and unique at {:?}",
+                    e.path
+                )));
+            }
+            prev = Some(&e.path);
+            if let Some((parent, _)) = e.path.rsplit_once('/')
+                && !dirs.contains(parent)
+            {
+                return Err(unsafe_path("its parent is not a directory of the pod"));
+            }
+            if e.mode > 0o7777 {
+                return Err(corrupt(format!("{:?} has mode {:o}", e.path, e.mode)));
+            }
+            match (e.kind, &e.target, &e.data) {
+                (Kind::Dir, None, None) => {
+                    dirs.insert(&e.path);
+                }
+                (Kind::Symlink, Some(t), None) if !t.is_empty() && !t.contains('\0') => {}
+                (Kind::File, None, Some(d)) => {
+                    files += 1;
+                    bytes = bytes.saturating_add(e.size);
+                    if !states.contains(&d.state) {
+                        return Err(corrupt(format!(
+                            "{:?} points into state object {} which the version does not list",
+                            e.path, d.state
+                        )));
+                    }
+                    if d.offset.checked_add(d.csize).is_none()
+                        || (d.method == Method::Stored && d.csize != e.size)
+                    {
+                        return Err(corrupt(format!(
+                            "{:?} points outside its state object",
+                            e.path
+                        )));
+                    }
+                }
+                _ => {
+                    return Err(corrupt(format!(
+                        "{:?} is a {:?} with the wrong fields",
+                        e.path, e.kind
+                    )));
+                }
+            }
+        }
+        if files != info.file_count || bytes != info.logical_bytes {
+            return Err(corrupt(
+                "version.json's file count or size does not match the manifest".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Reads only `version.json` from a version zip (cheaper than a full decode for listings).
+pub fn decode_info(pod: &PodName, version: u64, bytes: Bytes) -> PodResult<VersionInfo> {
+    let corrupt = |reason: String| PodError::Corrupt {
+        pod: pod.to_string(),
+        version,
+        reason,
+    };
+    let mut zip = zip::ZipArchive::new(Cursor::new(bytes))
+        .map_err(|e| corrupt(format!("the version object is not a readable zip: {e}")))?;
+    let file = zip
+        .by_name(VERSION_JSON)
+        .map_err(|e| corrupt(format!("{VERSION_JSON}: {e} (is this a podfs pod?)")))?;
+    let mut buf = Vec::new();
+    file.take(MAX_VERSION_JSON)
+        .read_to_end(&mut buf)
+        .map_err(|e| corrupt(format!("{VERSION_JSON}: {e}")))?;
+    let info: VersionInfo =
+        serde_json::from_slice(&buf).map_err(|e| corrupt(format!("{VERSION_JSON}: {e}")))?;
+    if info.format != FORMAT || info.pod != pod.as_str() || info.version != version {
+        return Err(corrupt(format!(
+            "the object says it is version {} of pod {:?} in format {}",
+            info.version, info.pod, info.format
+        )));
+    }
+    Ok(info)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn sample(pod: &str, version: u64) -> VersionObject {
+        let file = |path: &str, size: u64, state: u64| Entry {
+            path: path.into(),
+            kind: Kind::File,
+            mode: 0o644,
+            mtime: 1_700_000_000,
+            mtime_nsec: 123_456_789,
+            size,
+            target: None,
+            data: Some(DataRef {
+                state,
+                offset: 40,
+                csize: size,
+                method: Method::Stored,
+                crc32: 7,
+            }),
+        };
+        let dir = |path: &str| Entry {
+            path: path.into(),
+            kind: Kind::Dir,
+            mode: 0o755,
+            mtime: 1,
+            mtime_nsec: 0,
+            size: 0,
+            target: None,
+            data: None,
+        };
+        VersionObject {
+            info: VersionInfo {
+                format: FORMAT,
+                pod: pod.into(),
+                version,
+                parent: version.checked_sub(1).filter(|&p| p > 0),
+                created_at: "2026-11-28T00:00:00Z".into(),
+                message: "m".into(),
+                creator: "me".into(),
+                tool_version: "podfs test".into(),
+                file_count: 2,
+                logical_bytes: 15,
+                stored_bytes: 100,
+                states: vec![1, version],
+            },
+            manifest: Manifest {
+                format: FORMAT,
+                entries: vec![
+                    dir("a"),
+                    file("a/x", 5, 1),
+                    Entry {
+                        path: "a/y".into(),
+                        kind: Kind::Symlink,
+                        mode: 0o777,
+                        mtime: 1,
+                        mtime_nsec: 0,
+                        size: 0,
+                        target: Some("../../etc/passwd".into()),
+                        data: None,
+                    },
+                    file("b", 10, version),
+                    dir("empty"),
+                ],
+            },
+        }
+    }
+
+    fn pod(s: &str) -> PodName {
+        PodName::new(s).unwrap()
+    }
+
+    #[test]
+    fn round_trip() {
+        let obj = sample("p", 2);
+        let bytes = obj.encode().unwrap();
+        let back = VersionObject::decode(&pod("p"), 2, bytes.clone()).unwrap();
+        assert_eq!(back.info, obj.info);
+        assert_eq!(back.manifest, obj.manifest);
+        assert_eq!(decode_info(&pod("p"), 2, bytes).unwrap(), obj.info);
+    }
+
+    #[test]
+    fn version_json_is_the_first_entry() {
+        let bytes = sample("p", 1).encode().unwrap();
+        let zip = zip::ZipArchive::new(Cursor::new(bytes)).unwrap();
+        let names: Vec<_> = zip.file_names().map(|n| n.unwrap().into_owned()).collect();
+        assert_eq!(names, [VERSION_JSON, MANIFEST_JSON]);
+    }
+
+    fn decode_err(obj: &VersionObject) -> String {
+        let bytes = obj.encode().unwrap();
+        VersionObject::decode(&pod(&obj.info.pod), obj.info.version, bytes)
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn unsafe_paths_are_refused() {
+        for (bad, reason) in [
+            ("../x", "'..'"),
+            ("/etc/x", "absolute"),
+            ("a/../../x", "'..'"),
+            ("a\0b", "NUL"),
+            ("a//b", "empty"),
+            ("./a", "'.'"),
+        ] {
+            let mut obj = sample("p", 1);
+            obj.manifest.entries[1].path = bad.into();
+            let msg = decode_err(&obj);
+            assert!(
+                msg.contains("unsafe path") && msg.contains(reason),
+                "{bad}: {msg}"
+            );
+        }
+    }
+
+    #[test]
+    fn entries_under_a_symlink_are_refused() {
+        // a/y is a symlink; a file "a/y/z" would be written through it.
+        let mut obj = sample("p", 1);
+        let mut e = obj.manifest.entries[1].clone();
+        e.path = "a/y/z".into();
+        obj.manifest.entries.insert(3, e);
+        obj.info.file_count += 1;
+        obj.info.logical_bytes += 5;
+        let msg = decode_err(&obj);
+        assert!(msg.contains("parent is not a directory"), "{msg}");
+    }
+
+    #[test]
+    fn inconsistent_objects_are_corrupt() {
+        let mut obj = sample("p", 1);
+        obj.manifest.entries[1].data.as_mut().unwrap().state = 5;
+        assert!(decode_err(&obj).contains("does not list"));
+
+        let mut obj = sample("p", 1);
+        obj.manifest.entries[1].data.as_mut().unwrap().offset = u64::MAX;
+        assert!(decode_err(&obj).contains("outside"));
+
+        let mut obj = sample("p", 1);
+        obj.manifest.entries.swap(0, 1);
+        assert!(decode_err(&obj).contains("sorted") || decode_err(&obj).contains("parent"));
+
+        let obj = sample("p", 1);
+        let bytes = obj.encode().unwrap();
+        let err = VersionObject::decode(&pod("q"), 1, bytes.clone()).unwrap_err();
+        assert!(err.to_string().contains("says it is"), "{err}");
+        let truncated = bytes.slice(..bytes.len() - 10);
+        let err = VersionObject::decode(&pod("p"), 1, truncated).unwrap_err();
+        assert!(err.to_string().contains("not a readable zip"), "{err}");
+    }
+}

@@ -1,0 +1,181 @@
+//! Reading pods from a remote: a version's manifest, and a file's bytes by their data offset.
+//!
+//! A file's bytes are fetched as range reads of at most [`CHUNK`] bytes, a few in flight at once,
+//! decompressed as they arrive, and checked against the manifest's size and CRC-32, so memory stays
+//! bounded whatever the file size.
+
+use std::io::Write;
+use std::sync::Arc;
+
+use futures::{StreamExt, TryStreamExt};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+
+use super::manifest::{DataRef, Entry, Method, VersionInfo, VersionObject, decode_info};
+use super::{PodError, PodName, PodResult};
+use crate::remote::{Remote, RemoteError};
+
+/// Largest single range read.
+pub const CHUNK: u64 = 8 << 20;
+/// Range reads in flight per file.
+const CHUNKS_IN_FLIGHT: usize = 4;
+
+/// The versions of `pod`, failing with a clear error if it has none.
+pub async fn versions_of(remote: &Arc<dyn Remote>, pod: &PodName) -> PodResult<Vec<u64>> {
+    let versions = remote.list_versions(pod).await?;
+    if versions.is_empty() {
+        return Err(PodError::NoSuchPod {
+            pod: pod.to_string(),
+            remote: remote.name().to_owned(),
+        });
+    }
+    Ok(versions)
+}
+
+/// Picks `wanted` (or the latest) among the pod's versions.
+pub async fn resolve_version(
+    remote: &Arc<dyn Remote>,
+    pod: &PodName,
+    wanted: Option<u64>,
+) -> PodResult<u64> {
+    let versions = versions_of(remote, pod).await?;
+    match wanted {
+        None => Ok(*versions.last().unwrap_or(&0)),
+        Some(v) if versions.contains(&v) => Ok(v),
+        Some(v) => Err(PodError::NoSuchVersion {
+            pod: pod.to_string(),
+            version: v,
+            remote: remote.name().to_owned(),
+        }),
+    }
+}
+
+fn map_missing(remote: &Arc<dyn Remote>, pod: &PodName, version: u64, e: RemoteError) -> PodError {
+    match e {
+        RemoteError::NotFound(_) => PodError::NoSuchVersion {
+            pod: pod.to_string(),
+            version,
+            remote: remote.name().to_owned(),
+        },
+        e => e.into(),
+    }
+}
+
+/// Reads and validates a whole version object.
+pub async fn read_version(
+    remote: &Arc<dyn Remote>,
+    pod: &PodName,
+    version: u64,
+) -> PodResult<VersionObject> {
+    let bytes = remote
+        .read_version(pod, version)
+        .await
+        .map_err(|e| map_missing(remote, pod, version, e))?;
+    VersionObject::decode(pod, version, bytes)
+}
+
+/// Reads only a version's `version.json`.
+pub async fn read_info(
+    remote: &Arc<dyn Remote>,
+    pod: &PodName,
+    version: u64,
+) -> PodResult<VersionInfo> {
+    let bytes = remote
+        .read_version(pod, version)
+        .await
+        .map_err(|e| map_missing(remote, pod, version, e))?;
+    decode_info(pod, version, bytes)
+}
+
+/// Streams the bytes of file `entry` of version `via` into `out`, checking size and CRC-32.
+/// Returns the number of bytes written.
+pub async fn copy_file<W: AsyncWrite + Unpin + Send>(
+    remote: &Arc<dyn Remote>,
+    pod: &PodName,
+    via: u64,
+    entry: &Entry,
+    out: &mut W,
+) -> PodResult<u64> {
+    let corrupt = |reason: String| PodError::Corrupt {
+        pod: pod.to_string(),
+        version: via,
+        reason: format!("{:?}: {reason}", entry.path),
+    };
+    let Some(data) = entry.data else {
+        return Err(corrupt("a file without data".into()));
+    };
+    let DataRef {
+        state,
+        offset,
+        csize,
+        method,
+        crc32,
+    } = data;
+    let ranges = (0..csize.div_ceil(CHUNK)).map(move |i| {
+        let start = offset + i * CHUNK;
+        start..(start + CHUNK).min(offset + csize)
+    });
+    let mut chunks = futures::stream::iter(ranges)
+        .map(|r| {
+            let remote = Arc::clone(remote);
+            let want = r.end - r.start;
+            async move {
+                let bytes = remote.read_state(pod, via, state, r).await?;
+                Ok::<_, RemoteError>((want, bytes))
+            }
+        })
+        .buffered(CHUNKS_IN_FLIGHT);
+
+    let mut hasher = crc32fast::Hasher::new();
+    let mut written = 0u64;
+    let mut inflate = (method == Method::Deflate)
+        .then(|| flate2::write::DeflateDecoder::new(Vec::with_capacity(64 << 10)));
+    let io_err = |e: std::io::Error| corrupt(format!("cannot decompress: {e}"));
+    while let Some((want, bytes)) = chunks.try_next().await.map_err(|e| match e {
+        RemoteError::NotFound(what) => corrupt(format!("its state object is missing ({what})")),
+        e => e.into(),
+    })? {
+        if bytes.len() as u64 != want {
+            return Err(corrupt(format!(
+                "the state object is truncated (got {} of {want} bytes)",
+                bytes.len()
+            )));
+        }
+        let plain: &[u8] = match inflate.as_mut() {
+            None => &bytes,
+            Some(dec) => {
+                dec.get_mut().clear();
+                dec.write_all(&bytes).map_err(io_err)?;
+                dec.flush().map_err(io_err)?;
+                dec.get_ref()
+            }
+        };
+        written += plain.len() as u64;
+        if written > entry.size {
+            return Err(corrupt("more data than its size".into()));
+        }
+        hasher.update(plain);
+        out.write_all(plain)
+            .await
+            .map_err(|e| PodError::io(&entry.path)(e))?;
+    }
+    if let Some(mut dec) = inflate {
+        dec.get_mut().clear();
+        dec.try_finish().map_err(io_err)?;
+        let rest = dec.get_ref();
+        written += rest.len() as u64;
+        hasher.update(rest);
+        out.write_all(rest)
+            .await
+            .map_err(|e| PodError::io(&entry.path)(e))?;
+    }
+    if written != entry.size {
+        return Err(corrupt(format!(
+            "{written} bytes where the manifest says {}",
+            entry.size
+        )));
+    }
+    if hasher.finalize() != crc32 {
+        return Err(corrupt("CRC-32 mismatch: the data is damaged".into()));
+    }
+    Ok(written)
+}

@@ -1,0 +1,274 @@
+//! Saving a directory as the next version of a pod.
+//!
+//! The tree is scanned and compared with the latest version's manifest: a file whose size and
+//! mtime are unchanged keeps pointing at its old bytes; new or changed files go into this version's
+//! state zip, staged on local disk and uploaded streaming. The version object is then committed
+//! only if absent. If another writer took the number, the same snapshot is renumbered and committed
+//! as the next one, so concurrent saves never overwrite each other.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::manifest::{DataRef, Entry, FORMAT, Kind, Manifest, VersionInfo, VersionObject};
+use super::read::read_version;
+use super::scan::{Scanned, scan};
+use super::state::{DEFAULT_COMPRESS_BELOW, StateInput, write_state_zip};
+use super::{PodError, PodName, PodResult, blocking};
+use crate::progress::Progress;
+use crate::remote::{Remote, RemoteError};
+
+/// How many times a save moves to the next number before giving up.
+const MAX_ATTEMPTS: u32 = 64;
+
+/// Settings for a save.
+#[derive(Debug, Clone)]
+pub struct SaveParams {
+    pub message: String,
+    /// Who saved: `user@host`.
+    pub creator: String,
+    /// Local scratch directory for the state zip.
+    pub staging_dir: PathBuf,
+    /// Files below this size are deflated, others stored.
+    pub compress_below: u64,
+}
+
+impl Default for SaveParams {
+    fn default() -> Self {
+        Self {
+            message: String::new(),
+            creator: String::new(),
+            staging_dir: std::env::temp_dir(),
+            compress_below: DEFAULT_COMPRESS_BELOW,
+        }
+    }
+}
+
+/// What a save did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SaveOutcome {
+    /// The new version, or `None` when nothing changed since `previous`.
+    pub version: Option<u64>,
+    pub previous: Option<u64>,
+    pub file_count: u64,
+    pub logical_bytes: u64,
+    /// Files whose bytes were stored in this version.
+    pub changed_files: u64,
+    /// Size of the uploaded state object.
+    pub stored_bytes: u64,
+    /// Sockets, FIFOs and devices left out.
+    pub skipped: Vec<PathBuf>,
+}
+
+/// Saves `dir` as the next version of `pod` on `remote`.
+pub async fn save(
+    remote: &Arc<dyn Remote>,
+    pod: &PodName,
+    dir: &Path,
+    params: &SaveParams,
+    progress: &Arc<dyn Progress>,
+) -> PodResult<SaveOutcome> {
+    let root = dir.to_owned();
+    let scanned = blocking(move || scan(&root)).await?;
+    let previous = remote.list_versions(pod).await?.last().copied();
+    let prev = match previous {
+        Some(v) => Some(read_version(remote, pod, v).await?),
+        None => None,
+    };
+    let plan = Plan::new(&scanned.entries, prev.as_ref().map(|p| &p.manifest));
+    let mut outcome = SaveOutcome {
+        version: None,
+        previous,
+        file_count: plan.file_count,
+        logical_bytes: plan.logical_bytes,
+        changed_files: plan.to_store.len() as u64,
+        stored_bytes: 0,
+        skipped: scanned.skipped,
+    };
+    if prev
+        .as_ref()
+        .is_some_and(|p| p.manifest.entries == plan.entries)
+    {
+        return Ok(outcome);
+    }
+
+    std::fs::create_dir_all(&params.staging_dir).map_err(PodError::io(&params.staging_dir))?;
+    let staged = tempfile::Builder::new()
+        .prefix("save-")
+        .suffix(".zip")
+        .tempfile_in(&params.staging_dir)
+        .map_err(PodError::io(&params.staging_dir))?;
+    let mut entries = plan.entries;
+    let has_state = !plan.to_store.is_empty();
+    if has_state {
+        let total = plan.to_store.iter().map(|&i| entries[i].size).sum();
+        progress.start("zipping", total);
+        let inputs: Vec<StateInput> = plan
+            .to_store
+            .iter()
+            .map(|&i| StateInput {
+                name: entries[i].path.clone(),
+                source: dir.join(&entries[i].path),
+                size: entries[i].size,
+                mode: entries[i].mode,
+                mtime: entries[i].mtime,
+            })
+            .collect();
+        let dest = staged.path().to_owned();
+        let compress_below = params.compress_below;
+        let p = Arc::clone(progress);
+        let stored = blocking(move || write_state_zip(&dest, &inputs, compress_below, &*p)).await?;
+        progress.finish();
+        for (&i, s) in plan.to_store.iter().zip(&stored) {
+            let e = &mut entries[i];
+            e.size = s.size; // the file may have changed since the scan
+            e.data = Some(DataRef {
+                state: 0, // numbered at commit
+                offset: s.offset,
+                csize: s.csize,
+                method: s.method,
+                crc32: s.crc32,
+            });
+        }
+        outcome.stored_bytes = std::fs::metadata(staged.path())
+            .map_err(PodError::io(staged.path()))?
+            .len();
+    }
+    outcome.logical_bytes = entries.iter().map(|e| e.size).sum();
+
+    let mut n = previous.unwrap_or(0) + 1;
+    for _ in 0..MAX_ATTEMPTS {
+        if has_state {
+            progress.start("uploading", outcome.stored_bytes);
+            let put = remote.put_state(pod, n, staged.path()).await;
+            progress.finish();
+            match put {
+                Ok(()) => {}
+                Err(RemoteError::AlreadyExists(_)) => {
+                    tracing::info!(pod = %pod, version = n, "state object taken, trying the next number");
+                    n += 1;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let obj = version_object(pod, n, previous, &entries, &plan.to_store, params, &outcome);
+        let states = obj.info.states.clone();
+        let zip = obj.encode()?;
+        match remote.commit_version(pod, n, zip, &states, previous).await {
+            Ok(()) => {
+                outcome.version = Some(n);
+                return Ok(outcome);
+            }
+            Err(RemoteError::AlreadyExists(_)) => {
+                tracing::info!(pod = %pod, version = n, "version taken by another writer, trying the next number");
+                if has_state && let Err(e) = remote.delete_state(pod, n).await {
+                    tracing::warn!(pod = %pod, state = n, "could not remove an unused state object: {e}");
+                }
+                n += 1;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(PodError::TooManyConflicts(MAX_ATTEMPTS))
+}
+
+/// Builds version `n`'s object, pointing newly stored files at state object `n`.
+fn version_object(
+    pod: &PodName,
+    n: u64,
+    parent: Option<u64>,
+    entries: &[Entry],
+    to_store: &[usize],
+    params: &SaveParams,
+    outcome: &SaveOutcome,
+) -> VersionObject {
+    let mut entries = entries.to_vec();
+    for &i in to_store {
+        if let Some(d) = entries[i].data.as_mut() {
+            d.state = n;
+        }
+    }
+    let states: BTreeSet<u64> = entries
+        .iter()
+        .filter_map(|e| e.data.map(|d| d.state))
+        .collect();
+    VersionObject {
+        info: VersionInfo {
+            format: FORMAT,
+            pod: pod.to_string(),
+            version: n,
+            parent,
+            created_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+            message: params.message.clone(),
+            creator: params.creator.clone(),
+            tool_version: concat!("podfs ", env!("CARGO_PKG_VERSION")).to_owned(),
+            file_count: outcome.file_count,
+            logical_bytes: outcome.logical_bytes,
+            stored_bytes: if to_store.is_empty() {
+                0
+            } else {
+                outcome.stored_bytes
+            },
+            states: states.into_iter().collect(),
+        },
+        manifest: Manifest {
+            format: FORMAT,
+            entries,
+        },
+    }
+}
+
+/// The new manifest (before numbering) and which of its files need storing.
+struct Plan {
+    entries: Vec<Entry>,
+    to_store: Vec<usize>,
+    file_count: u64,
+    logical_bytes: u64,
+}
+
+impl Plan {
+    fn new(scanned: &[Scanned], prev: Option<&Manifest>) -> Self {
+        let prev: HashMap<&str, &Entry> = prev
+            .map(|m| m.entries.iter().map(|e| (e.path.as_str(), e)).collect())
+            .unwrap_or_default();
+        let mut entries = Vec::with_capacity(scanned.len());
+        let mut to_store = Vec::new();
+        let (mut file_count, mut logical_bytes) = (0, 0);
+        for s in scanned {
+            let mut e = Entry {
+                path: s.path.clone(),
+                kind: s.kind,
+                mode: s.mode,
+                mtime: s.mtime,
+                mtime_nsec: s.mtime_nsec,
+                size: s.size,
+                target: s.target.clone(),
+                data: None,
+            };
+            if s.kind == Kind::File {
+                file_count += 1;
+                logical_bytes += s.size;
+                // Unchanged bytes (same size and mtime): keep pointing at the old data.
+                match prev.get(s.path.as_str()) {
+                    Some(p)
+                        if p.kind == Kind::File
+                            && p.size == s.size
+                            && p.mtime == s.mtime
+                            && p.mtime_nsec == s.mtime_nsec =>
+                    {
+                        e.data = p.data;
+                    }
+                    _ => to_store.push(entries.len()),
+                }
+            }
+            entries.push(e);
+        }
+        Self {
+            entries,
+            to_store,
+            file_count,
+            logical_bytes,
+        }
+    }
+}

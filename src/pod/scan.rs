@@ -1,0 +1,146 @@
+//! Walking a local directory tree into manifest-shaped entries, without following symlinks.
+
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use super::manifest::Kind;
+use super::{PodError, PodResult};
+
+/// One path found under the scanned root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scanned {
+    /// Relative, '/'-separated.
+    pub path: String,
+    pub kind: Kind,
+    pub mode: u32,
+    pub mtime: i64,
+    pub mtime_nsec: u32,
+    pub size: u64,
+    pub target: Option<String>,
+}
+
+impl Scanned {
+    fn from_metadata(path: String, md: &std::fs::Metadata, target: Option<String>) -> Option<Self> {
+        let ft = md.file_type();
+        let kind = if ft.is_file() {
+            Kind::File
+        } else if ft.is_dir() {
+            Kind::Dir
+        } else if ft.is_symlink() {
+            Kind::Symlink
+        } else {
+            return None;
+        };
+        Some(Self {
+            path,
+            kind,
+            mode: md.mode() & 0o7777,
+            mtime: md.mtime(),
+            mtime_nsec: md.mtime_nsec().clamp(0, 999_999_999) as u32,
+            size: if kind == Kind::File { md.len() } else { 0 },
+            target,
+        })
+    }
+}
+
+/// What a scan found: entries sorted by path bytes, and what it skipped.
+#[derive(Debug, Default)]
+pub struct Scan {
+    pub entries: Vec<Scanned>,
+    /// Sockets, FIFOs and device files, which a pod cannot hold.
+    pub skipped: Vec<PathBuf>,
+}
+
+/// Scans `root` (which must be a directory). Paths must be UTF-8 and free of backslashes.
+pub fn scan(root: &Path) -> PodResult<Scan> {
+    let md = std::fs::metadata(root).map_err(PodError::io(root))?;
+    if !md.is_dir() {
+        return Err(PodError::Unsupported {
+            path: root.to_owned(),
+            reason: "not a directory".into(),
+        });
+    }
+    let mut out = Scan::default();
+    walk(root, "", &mut out)?;
+    out.entries
+        .sort_by(|a, b| a.path.as_bytes().cmp(b.path.as_bytes()));
+    Ok(out)
+}
+
+fn walk(dir: &Path, rel: &str, out: &mut Scan) -> PodResult<()> {
+    let rd = std::fs::read_dir(dir).map_err(PodError::io(dir))?;
+    for entry in rd {
+        let entry = entry.map_err(PodError::io(dir))?;
+        let abs = entry.path();
+        let name = entry.file_name();
+        let name = match std::str::from_utf8(name.as_bytes()) {
+            Ok(n) if !n.contains('\\') => n.to_owned(),
+            _ => {
+                return Err(PodError::Unsupported {
+                    path: abs,
+                    reason: "file names must be UTF-8 without '\\' to be saved in a pod: rename it"
+                        .into(),
+                });
+            }
+        };
+        let path = if rel.is_empty() {
+            name
+        } else {
+            format!("{rel}/{name}")
+        };
+        let md = match std::fs::symlink_metadata(&abs) {
+            Ok(md) => md,
+            // Removed while we walked: it is simply not part of this snapshot.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(PodError::io(&abs)(e)),
+        };
+        let target = if md.file_type().is_symlink() {
+            let t = std::fs::read_link(&abs).map_err(PodError::io(&abs))?;
+            match t.to_str() {
+                Some(t) => Some(t.to_owned()),
+                None => {
+                    return Err(PodError::Unsupported {
+                        path: abs,
+                        reason: "symlink targets must be UTF-8 to be saved in a pod".into(),
+                    });
+                }
+            }
+        } else {
+            None
+        };
+        match Scanned::from_metadata(path, &md, target) {
+            Some(s) => {
+                let is_dir = s.kind == Kind::Dir;
+                let rel = s.path.clone();
+                out.entries.push(s);
+                if is_dir {
+                    walk(&abs, &rel, out)?;
+                }
+            }
+            None => out.skipped.push(abs),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scans_files_dirs_and_symlinks_sorted() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        std::fs::create_dir_all(r.join("a/b")).unwrap();
+        std::fs::create_dir(r.join("a-b")).unwrap();
+        std::fs::write(r.join("a/b/f"), b"hello").unwrap();
+        std::os::unix::fs::symlink("../x", r.join("a/l")).unwrap();
+        let s = scan(r).unwrap();
+        let paths: Vec<_> = s.entries.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["a", "a-b", "a/b", "a/b/f", "a/l"]);
+        assert_eq!(s.entries[3].size, 5);
+        assert_eq!(s.entries[4].target.as_deref(), Some("../x"));
+        assert_eq!(s.entries[4].kind, Kind::Symlink);
+    }
+}

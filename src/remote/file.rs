@@ -1,0 +1,252 @@
+//! The `file://` backend (and the built-in `default` remote): objects are files in one directory.
+//!
+//! Objects appear atomically and only if absent: each is written to a temporary file in the same
+//! directory, synced, then hard-linked to its final name (`link` fails with `EEXIST` instead of
+//! replacing), so a crashed save leaves at most a `.tmp-*` file and never a partial object.
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::io;
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use super::{ObjectKind, Remote, RemoteError, RemoteResult, object_name, parse_object_name};
+use crate::pod::PodName;
+
+#[derive(Debug)]
+pub struct FileRemote {
+    name: String,
+    dir: PathBuf,
+}
+
+impl FileRemote {
+    pub fn new(name: &str, dir: &Path) -> Self {
+        Self {
+            name: name.to_owned(),
+            dir: dir.to_owned(),
+        }
+    }
+
+    fn path(&self, pod: &PodName, kind: ObjectKind, n: u64) -> PathBuf {
+        self.dir.join(object_name(pod, kind, n))
+    }
+
+    /// Every parsed object name in the directory; a missing directory is an empty remote.
+    async fn objects(&self) -> RemoteResult<Vec<(PodName, ObjectKind, u64)>> {
+        let dir = self.dir.clone();
+        blocking(move || {
+            let rd = match std::fs::read_dir(&dir) {
+                Ok(rd) => rd,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+                Err(e) => return Err(RemoteError::io(format!("listing {}", dir.display()))(e)),
+            };
+            let mut out = Vec::new();
+            for entry in rd {
+                let entry = entry.map_err(RemoteError::io(format!("listing {}", dir.display())))?;
+                if let Some(parsed) = entry.file_name().to_str().and_then(parse_object_name) {
+                    out.push(parsed);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    fn not_found(&self, what: String) -> RemoteError {
+        RemoteError::NotFound(format!("{what} on remote {:?}", self.name))
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> RemoteResult<T> + Send + 'static,
+) -> RemoteResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| RemoteError::Io {
+            context: "background task".into(),
+            source: io::Error::other(e),
+        })?
+}
+
+/// Links `tmp` to `dest` only if `dest` is absent, then removes `tmp` and syncs the directory.
+fn link_if_absent(tmp: &Path, dest: &Path) -> RemoteResult<()> {
+    let linked = std::fs::hard_link(tmp, dest);
+    let _ = std::fs::remove_file(tmp);
+    match linked {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            return Err(RemoteError::AlreadyExists(dest.display().to_string()));
+        }
+        Err(e) => return Err(RemoteError::io(format!("creating {}", dest.display()))(e)),
+    }
+    if let Some(dir) = dest.parent() {
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(RemoteError::io(format!("syncing {}", dir.display())))?;
+    }
+    Ok(())
+}
+
+/// A temporary file beside `dest`, removed on drop unless linked.
+fn temp_beside(dest: &Path) -> RemoteResult<tempfile::NamedTempFile> {
+    let dir = dest.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(RemoteError::io(format!("creating {}", dir.display())))?;
+    tempfile::Builder::new()
+        .prefix(".tmp-")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))
+        .tempfile_in(dir)
+        .map_err(RemoteError::io(format!(
+            "creating a file in {}",
+            dir.display()
+        )))
+}
+
+#[async_trait]
+impl Remote for FileRemote {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn list_pods(&self) -> RemoteResult<Vec<PodName>> {
+        let pods: BTreeSet<PodName> = self
+            .objects()
+            .await?
+            .into_iter()
+            .filter(|(_, kind, _)| *kind == ObjectKind::Version)
+            .map(|(pod, _, _)| pod)
+            .collect();
+        Ok(pods.into_iter().collect())
+    }
+
+    async fn list_versions(&self, pod: &PodName) -> RemoteResult<Vec<u64>> {
+        let mut v: Vec<u64> = self
+            .objects()
+            .await?
+            .into_iter()
+            .filter(|(p, kind, _)| p == pod && *kind == ObjectKind::Version)
+            .map(|(_, _, n)| n)
+            .collect();
+        v.sort_unstable();
+        Ok(v)
+    }
+
+    async fn list_states(&self, pod: &PodName) -> RemoteResult<Vec<u64>> {
+        let mut v: Vec<u64> = self
+            .objects()
+            .await?
+            .into_iter()
+            .filter(|(p, kind, _)| p == pod && *kind == ObjectKind::State)
+            .map(|(_, _, n)| n)
+            .collect();
+        v.sort_unstable();
+        Ok(v)
+    }
+
+    async fn read_version(&self, pod: &PodName, version: u64) -> RemoteResult<Bytes> {
+        let path = self.path(pod, ObjectKind::Version, version);
+        let missing = self.not_found(format!("version {version} of pod {pod:?}"));
+        blocking(move || match std::fs::read(&path) {
+            Ok(b) => Ok(Bytes::from(b)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(missing),
+            Err(e) => Err(RemoteError::io(format!("reading {}", path.display()))(e)),
+        })
+        .await
+    }
+
+    async fn read_state(
+        &self,
+        pod: &PodName,
+        _via: u64,
+        state: u64,
+        range: Range<u64>,
+    ) -> RemoteResult<Bytes> {
+        let path = self.path(pod, ObjectKind::State, state);
+        let missing = self.not_found(format!("state object {state} of pod {pod:?}"));
+        blocking(move || {
+            let file = match File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(missing),
+                Err(e) => return Err(RemoteError::io(format!("opening {}", path.display()))(e)),
+            };
+            let len = usize::try_from(range.end.saturating_sub(range.start)).map_err(|_| {
+                RemoteError::io(format!("reading {}", path.display()))(io::Error::other(
+                    "range too large",
+                ))
+            })?;
+            let mut buf = vec![0u8; len];
+            file.read_exact_at(&mut buf, range.start)
+                .map_err(RemoteError::io(format!(
+                    "reading bytes {}..{} of {}",
+                    range.start,
+                    range.end,
+                    path.display()
+                )))?;
+            Ok(Bytes::from(buf))
+        })
+        .await
+    }
+
+    async fn put_state(&self, pod: &PodName, version: u64, file: &Path) -> RemoteResult<()> {
+        let dest = self.path(pod, ObjectKind::State, version);
+        let src = file.to_owned();
+        blocking(move || {
+            if dest.exists() {
+                return Err(RemoteError::AlreadyExists(dest.display().to_string()));
+            }
+            let tmp = temp_beside(&dest)?;
+            std::fs::copy(&src, tmp.path())
+                .and_then(|_| tmp.as_file().sync_all())
+                .map_err(RemoteError::io(format!("copying to {}", dest.display())))?;
+            let (_f, tmp_path) = tmp.keep().map_err(|e| RemoteError::Io {
+                context: "keeping a temporary file".into(),
+                source: e.error,
+            })?;
+            link_if_absent(&tmp_path, &dest)
+        })
+        .await
+    }
+
+    async fn commit_version(
+        &self,
+        pod: &PodName,
+        version: u64,
+        version_zip: Bytes,
+        _states: &[u64],
+        _parent: Option<u64>,
+    ) -> RemoteResult<()> {
+        let dest = self.path(pod, ObjectKind::Version, version);
+        blocking(move || {
+            let mut tmp = temp_beside(&dest)?;
+            io::Write::write_all(&mut tmp, &version_zip)
+                .and_then(|()| tmp.as_file().sync_all())
+                .map_err(RemoteError::io(format!("writing {}", dest.display())))?;
+            let (_f, tmp_path) = tmp.keep().map_err(|e| RemoteError::Io {
+                context: "keeping a temporary file".into(),
+                source: e.error,
+            })?;
+            link_if_absent(&tmp_path, &dest)
+        })
+        .await
+    }
+
+    async fn delete_version(&self, pod: &PodName, version: u64) -> RemoteResult<()> {
+        remove(self.path(pod, ObjectKind::Version, version)).await
+    }
+
+    async fn delete_state(&self, pod: &PodName, state: u64) -> RemoteResult<()> {
+        remove(self.path(pod, ObjectKind::State, state)).await
+    }
+}
+
+async fn remove(path: PathBuf) -> RemoteResult<()> {
+    blocking(move || match std::fs::remove_file(&path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(RemoteError::io(format!("removing {}", path.display()))(e)),
+    })
+    .await
+}

@@ -1,0 +1,204 @@
+//! The pod-level storage interface every backend implements, and the object names of format v1.
+//!
+//! A [`Remote`] stores, per pod, version objects (the commit records) and state objects (file
+//! bytes). It is shared as `Arc<dyn Remote>` by many tasks at once. Vendor errors never leave this
+//! module tree: each backend classifies them into [`RemoteError`].
+
+pub mod file;
+pub mod oras;
+pub mod s3;
+
+use std::ops::Range;
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::config::RemoteUrl;
+use crate::pod::PodName;
+
+/// What went wrong talking to a remote, classified so callers can act on it.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0} already exists")]
+    AlreadyExists(String),
+    #[error("access denied by remote {remote:?}: {detail} (check its credentials)")]
+    Denied { remote: String, detail: String },
+    #[error("remote {remote:?} is unavailable: {detail}")]
+    Unavailable { remote: String, detail: String },
+    #[error("remote {remote:?}: {detail}")]
+    Other { remote: String, detail: String },
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl RemoteError {
+    pub fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> RemoteError {
+        let context = context.into();
+        move |source| RemoteError::Io { context, source }
+    }
+}
+
+pub type RemoteResult<T> = Result<T, RemoteError>;
+
+/// A pod-level object store. Versions are immutable once committed.
+///
+/// Implementations must allow many concurrent calls (the mount issues parallel range reads).
+#[async_trait]
+pub trait Remote: Send + Sync + std::fmt::Debug {
+    /// The remote's configured name, for messages.
+    fn name(&self) -> &str;
+
+    /// Pods that have at least one committed version, sorted by name.
+    async fn list_pods(&self) -> RemoteResult<Vec<PodName>>;
+
+    /// Committed versions of `pod`, ascending; empty if the pod does not exist.
+    async fn list_versions(&self, pod: &PodName) -> RemoteResult<Vec<u64>>;
+
+    /// The whole version object (`localstack-pod-P-version-N.zip`) of a committed version.
+    async fn read_version(&self, pod: &PodName, version: u64) -> RemoteResult<Bytes>;
+
+    /// Bytes `range` of state object `state`, as referenced by committed version `via` (the
+    /// ORAS backend finds the blob through `via`'s manifest). A range past the end is an error.
+    async fn read_state(
+        &self,
+        pod: &PodName,
+        via: u64,
+        state: u64,
+        range: Range<u64>,
+    ) -> RemoteResult<Bytes>;
+
+    /// Stores `file` as state object `version`, only if no state object of that number exists
+    /// ([`RemoteError::AlreadyExists`] otherwise). Streams: never holds the whole file in memory.
+    async fn put_state(&self, pod: &PodName, version: u64, file: &Path) -> RemoteResult<()>;
+
+    /// Commits version `version` by creating its version object only if absent
+    /// ([`RemoteError::AlreadyExists`] when another writer took the number first). `states` are
+    /// the state objects the version refers to (already stored), `parent` its parent version.
+    async fn commit_version(
+        &self,
+        pod: &PodName,
+        version: u64,
+        version_zip: Bytes,
+        states: &[u64],
+        parent: Option<u64>,
+    ) -> RemoteResult<()>;
+
+    /// Removes a version object. Missing is not an error.
+    async fn delete_version(&self, pod: &PodName, version: u64) -> RemoteResult<()>;
+
+    /// Removes a state object no remaining version refers to. Missing is not an error.
+    async fn delete_state(&self, pod: &PodName, state: u64) -> RemoteResult<()>;
+
+    /// State objects of `pod` that exist, committed or not (used to clean up a deleted pod).
+    async fn list_states(&self, pod: &PodName) -> RemoteResult<Vec<u64>>;
+}
+
+/// Settings for opening a remote that do not come from its URL.
+#[derive(Debug, Clone, Default)]
+pub struct OpenParams {
+    /// Where large state objects are staged before upload; not used by every backend.
+    pub staging_dir: Option<std::path::PathBuf>,
+}
+
+/// Opens the backend for a resolved URL.
+pub async fn open(
+    name: &str,
+    url: &RemoteUrl,
+    _params: &OpenParams,
+) -> RemoteResult<Arc<dyn Remote>> {
+    match url {
+        RemoteUrl::File(path) => Ok(Arc::new(file::FileRemote::new(name, path))),
+        RemoteUrl::S3(s3) => {
+            s3::S3Remote::new(name, s3).await?;
+            unreachable_backend(name)
+        }
+        RemoteUrl::Oras(o) => {
+            oras::OrasRemote::new(name, o)?;
+            unreachable_backend(name)
+        }
+    }
+}
+
+/// Which of the two objects of a version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ObjectKind {
+    State,
+    Version,
+}
+
+impl ObjectKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            ObjectKind::State => "state",
+            ObjectKind::Version => "version",
+        }
+    }
+}
+
+/// `localstack-pod-P-state-N.zip` or `localstack-pod-P-version-N.zip`.
+pub fn object_name(pod: &PodName, kind: ObjectKind, n: u64) -> String {
+    format!("localstack-pod-{pod}-{}-{n}.zip", kind.as_str())
+}
+
+/// Parses an object name from the right (pod names may contain `-state-`-like text).
+pub fn parse_object_name(name: &str) -> Option<(PodName, ObjectKind, u64)> {
+    let rest = name.strip_prefix("localstack-pod-")?.strip_suffix(".zip")?;
+    let (rest, n) = rest.rsplit_once('-')?;
+    if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) || n.starts_with('0') {
+        return None;
+    }
+    let n: u64 = n.parse().ok()?;
+    let (pod, kind) = if let Some(pod) = rest.strip_suffix("-state") {
+        (pod, ObjectKind::State)
+    } else if let Some(pod) = rest.strip_suffix("-version") {
+        (pod, ObjectKind::Version)
+    } else {
+        return None;
+    };
+    Some((PodName::new(pod).ok()?, kind, n))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_parse_from_the_right() {
+        for pod in ["my-pod", "a-state-1", "x-version-2", "p"] {
+            let p = PodName::new(pod).unwrap();
+            for kind in [ObjectKind::State, ObjectKind::Version] {
+                let name = object_name(&p, kind, 12);
+                assert_eq!(parse_object_name(&name), Some((p.clone(), kind, 12)));
+            }
+        }
+        assert_eq!(
+            object_name(&PodName::new("my-pod").unwrap(), ObjectKind::State, 1),
+            "localstack-pod-my-pod-state-1.zip"
+        );
+        for bad in [
+            "localstack-pod-p-state-0.zip",
+            "localstack-pod-p-state-01.zip",
+            "localstack-pod-p-other-1.zip",
+            "localstack-pod--state-1.zip",
+            "localstack-pod-p-state-1.zip.tmp",
+            "other",
+        ] {
+            assert_eq!(parse_object_name(bad), None, "{bad}");
+        }
+    }
+}
+
+fn unreachable_backend(name: &str) -> RemoteResult<Arc<dyn Remote>> {
+    Err(RemoteError::Other {
+        remote: name.to_owned(),
+        detail: "backend not available".into(),
+    })
+}

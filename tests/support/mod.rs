@@ -1,0 +1,178 @@
+//! Shared helpers for the integration tests: run the real `podfs` binary in a private volume
+//! dir, compare directory trees, and find free loopback ports. Servers (moto, the registry) are
+//! started by the modules beside this one and stopped when dropped.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// A private podfs installation: its own volume dir, removed on drop.
+pub struct Podfs {
+    pub home: tempfile::TempDir,
+    pub envs: Vec<(String, String)>,
+}
+
+impl Podfs {
+    pub fn new() -> Self {
+        Self {
+            home: tempfile::tempdir().expect("temp dir"),
+            envs: Vec::new(),
+        }
+    }
+
+    /// Sets an environment variable for every command run by this installation.
+    pub fn env(mut self, k: &str, v: &str) -> Self {
+        self.envs.push((k.to_owned(), v.to_owned()));
+        self
+    }
+
+    pub fn command(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_podfs"));
+        c.env("PODFS_HOME", self.home.path())
+            .env_remove("AWS_PROFILE")
+            .env("PODFS_LOG", "warn");
+        for (k, v) in &self.envs {
+            c.env(k, v);
+        }
+        c
+    }
+
+    /// Runs podfs with `args`; returns the output whatever the status.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.command().args(args).output().expect("run podfs")
+    }
+
+    /// Runs podfs and asserts success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "podfs {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs podfs and asserts it fails with one clear line on stderr containing `want`;
+    /// returns stderr.
+    pub fn fails(&self, args: &[&str], want: &str) -> String {
+        let out = self.run(args);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            !out.status.success(),
+            "podfs {args:?} should fail but succeeded: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        assert!(
+            stderr.contains(want),
+            "podfs {args:?}: stderr should mention {want:?}: {stderr}"
+        );
+        assert!(
+            !stderr.contains("panicked"),
+            "podfs {args:?} panicked: {stderr}"
+        );
+        stderr
+    }
+
+    pub fn pods_dir(&self) -> PathBuf {
+        self.home.path().join("pods")
+    }
+}
+
+/// What a tree holds, for exact comparison: kind, mode, mtime (ns), and content or target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Node {
+    File { mode: u32, mtime_ns: i128, size: u64, crc: u32 },
+    Dir { mode: u32, mtime_ns: i128 },
+    Symlink { target: String, mtime_ns: i128 },
+}
+
+/// Every path under `root` (not `root` itself), without following symlinks.
+pub fn snapshot(root: &Path) -> BTreeMap<String, Node> {
+    let mut out = BTreeMap::new();
+    walk(root, root, &mut out);
+    out
+}
+
+fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Node>) {
+    for e in std::fs::read_dir(dir).expect("read_dir") {
+        let p = e.expect("entry").path();
+        let md = std::fs::symlink_metadata(&p).expect("stat");
+        let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+        let mtime_ns = md.mtime() as i128 * 1_000_000_000 + md.mtime_nsec() as i128;
+        let node = if md.file_type().is_symlink() {
+            Node::Symlink {
+                target: std::fs::read_link(&p).unwrap().to_string_lossy().into_owned(),
+                mtime_ns,
+            }
+        } else if md.is_dir() {
+            walk(root, &p, out);
+            Node::Dir { mode: md.mode() & 0o7777, mtime_ns }
+        } else {
+            let mut h = crc32fast::Hasher::new();
+            let mut f = std::fs::File::open(&p).unwrap();
+            std::io::copy(&mut f, &mut HashWriter(&mut h)).unwrap();
+            Node::File { mode: md.mode() & 0o7777, mtime_ns, size: md.len(), crc: h.finalize() }
+        };
+        out.insert(rel, node);
+    }
+}
+
+struct HashWriter<'a>(&'a mut crc32fast::Hasher);
+impl std::io::Write for HashWriter<'_> {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.update(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Asserts two trees are identical: same paths, kinds, modes, mtimes (ns), bytes, targets.
+pub fn assert_same_tree(expected: &Path, actual: &Path) {
+    let a = snapshot(expected);
+    let b = snapshot(actual);
+    for (path, node) in &a {
+        assert_eq!(Some(node), b.get(path), "{path} differs ({} vs {})", expected.display(), actual.display());
+    }
+    for path in b.keys() {
+        assert!(a.contains_key(path), "{path} should not be in {}", actual.display());
+    }
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind 127.0.0.1:0")
+        .local_addr()
+        .expect("local addr")
+        .port()
+}
+
+/// The path of a required external program. Missing is a test failure, never a skip.
+pub fn require(program: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for dir in std::env::split_paths(&path) {
+        let p = dir.join(program);
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!("{program} is required by this test but is not installed: run scripts/setup.sh");
+}
+
+/// Waits until `addr` accepts TCP connections, polling for at most `secs` seconds.
+pub fn wait_for_port(addr: &str, secs: u64) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while std::time::Instant::now() < deadline {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    false
+}
