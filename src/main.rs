@@ -46,7 +46,7 @@ enum Command {
     /// Load a version of a pod (default: the latest) into a directory.
     Load {
         /// POD or POD:VERSION.
-        pod: PodRef,
+        pod: String,
         /// Remote to load from.
         #[arg(default_value = DEFAULT_REMOTE)]
         remote: String,
@@ -81,7 +81,7 @@ enum Command {
     /// Show the tree of a version (default: the latest).
     Inspect {
         /// POD or POD:VERSION.
-        pod: PodRef,
+        pod: String,
         #[arg(default_value = DEFAULT_REMOTE)]
         remote: String,
         #[arg(long)]
@@ -90,7 +90,7 @@ enum Command {
     /// Delete one version (POD:VERSION) or a whole pod (POD).
     Delete {
         /// POD or POD:VERSION.
-        pod: PodRef,
+        pod: String,
         #[arg(default_value = DEFAULT_REMOTE)]
         remote: String,
     },
@@ -169,6 +169,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 dry_run,
                 json,
             } => {
+                let pod: PodRef = pod.parse()?;
                 let into = commands::dir_or_cwd(into)?;
                 commands::check_not_volume(&ctx, &into)?;
                 let args = LoadArgs {
@@ -186,9 +187,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 commands::versions(&ctx, &pod, &remote, json).await
             }
             Command::Inspect { pod, remote, json } => {
-                commands::inspect(&ctx, &pod, &remote, json).await
+                commands::inspect(&ctx, &pod.parse()?, &remote, json).await
             }
-            Command::Delete { pod, remote } => commands::delete(&ctx, &pod, &remote).await,
+            Command::Delete { pod, remote } => commands::delete(&ctx, &pod.parse()?, &remote).await,
         }
     })
 }

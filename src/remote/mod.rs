@@ -127,6 +127,13 @@ pub async fn open(
     }
 }
 
+fn unreachable_backend(name: &str) -> RemoteResult<Arc<dyn Remote>> {
+    Err(RemoteError::Other {
+        remote: name.to_owned(),
+        detail: "backend not available".into(),
+    })
+}
+
 /// Which of the two objects of a version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ObjectKind {
@@ -194,11 +201,4 @@ mod tests {
             assert_eq!(parse_object_name(bad), None, "{bad}");
         }
     }
-}
-
-fn unreachable_backend(name: &str) -> RemoteResult<Arc<dyn Remote>> {
-    Err(RemoteError::Other {
-        remote: name.to_owned(),
-        detail: "backend not available".into(),
-    })
 }
