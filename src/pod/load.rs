@@ -17,7 +17,7 @@ use filetime::FileTime;
 use futures::{StreamExt, TryStreamExt};
 
 use super::manifest::{Entry, Kind, VersionObject};
-use super::read::{copy_file, read_version, resolve_version};
+use super::read::{ReadBudget, copy_file, read_version, resolve_version};
 use super::scan::{Scanned, scan};
 use super::{PodError, PodName, PodResult, blocking};
 use crate::progress::Progress;
@@ -180,8 +180,9 @@ async fn apply(
 
     // 2. Files and symlinks, several at once.
     progress.start("loading", plan.bytes);
+    let budget = ReadBudget::default();
     futures::stream::iter(touched.iter().filter(|e| e.kind != Kind::Dir))
-        .map(|e| write_entry(remote, pod, obj.info.version, dir, e, progress))
+        .map(|e| write_entry(remote, pod, obj.info.version, dir, e, progress, &budget))
         .buffer_unordered(FILES_IN_FLIGHT)
         .try_collect::<()>()
         .await?;
@@ -253,6 +254,7 @@ async fn write_entry(
     dir: &Path,
     e: &Entry,
     progress: &Arc<dyn Progress>,
+    budget: &ReadBudget,
 ) -> PodResult<()> {
     let dest = dir.join(&e.path);
     let parent = dest.parent().unwrap_or(dir).to_owned();
@@ -289,7 +291,7 @@ async fn write_entry(
                 inner: &mut file,
                 progress: &**progress,
             };
-            copy_file(remote, pod, version, e, &mut counting).await?;
+            copy_file(remote, pod, version, e, &mut counting, budget).await?;
             tokio::io::AsyncWriteExt::flush(&mut file)
                 .await
                 .map_err(PodError::io(&dest))?;

@@ -398,6 +398,23 @@ mod tests {
         }
     }
 
+    /// The examples in docs/FORMAT.md parse as the types they document.
+    #[test]
+    fn format_doc_examples_parse() {
+        let doc = include_str!("../../docs/FORMAT.md");
+        let blocks: Vec<&str> = doc
+            .split("```json\n")
+            .skip(1)
+            .map(|b| b.split("```").next().unwrap())
+            .collect();
+        assert_eq!(blocks.len(), 2);
+        let info: VersionInfo = serde_json::from_str(blocks[0]).unwrap();
+        assert_eq!((info.version, info.states.clone()), (3, vec![1, 3]));
+        let manifest: Manifest = serde_json::from_str(blocks[1]).unwrap();
+        assert_eq!(manifest.entries[1].data.unwrap().method, Method::Deflate);
+        assert_eq!(manifest.entries[2].target.as_deref(), Some("config.json"));
+    }
+
     fn pod(s: &str) -> PodName {
         PodName::new(s).unwrap()
     }

@@ -18,6 +18,32 @@ use crate::remote::{Remote, RemoteError};
 pub const CHUNK: u64 = 8 << 20;
 /// Range reads in flight per file.
 const CHUNKS_IN_FLIGHT: usize = 4;
+/// Compressed bytes fed to the inflater at a time (deflate expands at most ~1032:1).
+const INFLATE_STEP: usize = 8 << 10;
+/// Unit of [`ReadBudget`] permits.
+const BUDGET_UNIT: u64 = 64 << 10;
+
+/// Bounds the file data held in memory by all reads that share it (fetched but not yet
+/// written), whatever the number of files and chunks in flight.
+#[derive(Debug, Clone)]
+pub struct ReadBudget(Arc<tokio::sync::Semaphore>);
+
+impl ReadBudget {
+    /// A budget of `bytes` (at least one chunk).
+    pub fn new(bytes: u64) -> Self {
+        let units = bytes.max(CHUNK) / BUDGET_UNIT;
+        Self(Arc::new(tokio::sync::Semaphore::new(
+            usize::try_from(units).unwrap_or(usize::MAX >> 4),
+        )))
+    }
+}
+
+impl Default for ReadBudget {
+    /// 64 MiB.
+    fn default() -> Self {
+        Self::new(64 << 20)
+    }
+}
 
 /// The versions of `pod`, failing with a clear error if it has none.
 pub async fn versions_of(remote: &Arc<dyn Remote>, pod: &PodName) -> PodResult<Vec<u64>> {
@@ -94,6 +120,7 @@ pub async fn copy_file<W: AsyncWrite + Unpin + Send>(
     via: u64,
     entry: &Entry,
     out: &mut W,
+    budget: &ReadBudget,
 ) -> PodResult<u64> {
     let corrupt = |reason: String| PodError::Corrupt {
         pod: pod.to_string(),
@@ -117,10 +144,18 @@ pub async fn copy_file<W: AsyncWrite + Unpin + Send>(
     let mut chunks = futures::stream::iter(ranges)
         .map(|r| {
             let remote = Arc::clone(remote);
+            let budget = Arc::clone(&budget.0);
             let want = r.end - r.start;
             async move {
+                let units = u32::try_from(want.div_ceil(BUDGET_UNIT)).unwrap_or(u32::MAX);
+                // Held until the chunk is written; chunks of one file queue in order, so the
+                // chunk being written always holds its permits (no deadlock).
+                let permit = budget
+                    .acquire_many_owned(units)
+                    .await
+                    .map_err(|_| RemoteError::io("read budget")(std::io::Error::other("closed")))?;
                 let bytes = remote.read_state(pod, via, state, r).await?;
-                Ok::<_, RemoteError>((want, bytes))
+                Ok::<_, RemoteError>((want, bytes, permit))
             }
         })
         .buffered(CHUNKS_IN_FLIGHT);
@@ -130,7 +165,8 @@ pub async fn copy_file<W: AsyncWrite + Unpin + Send>(
     let mut inflate = (method == Method::Deflate)
         .then(|| flate2::write::DeflateDecoder::new(Vec::with_capacity(64 << 10)));
     let io_err = |e: std::io::Error| corrupt(format!("cannot decompress: {e}"));
-    while let Some((want, bytes)) = chunks.try_next().await.map_err(|e| match e {
+    let mut plain_buf = Vec::new();
+    while let Some((want, bytes, _permit)) = chunks.try_next().await.map_err(|e| match e {
         RemoteError::NotFound(what) => corrupt(format!("its state object is missing ({what})")),
         e => e.into(),
     })? {
@@ -140,23 +176,28 @@ pub async fn copy_file<W: AsyncWrite + Unpin + Send>(
                 bytes.len()
             )));
         }
-        let plain: &[u8] = match inflate.as_mut() {
-            None => &bytes,
-            Some(dec) => {
-                dec.get_mut().clear();
-                dec.write_all(&bytes).map_err(io_err)?;
-                dec.flush().map_err(io_err)?;
-                dec.get_ref()
-            }
+        let Some(dec) = inflate.as_mut() else {
+            written += bytes.len() as u64;
+            hasher.update(&bytes);
+            out.write_all(&bytes)
+                .await
+                .map_err(|e| PodError::io(&entry.path)(e))?;
+            continue;
         };
-        written += plain.len() as u64;
-        if written > entry.size {
-            return Err(corrupt("more data than its size".into()));
+        for step in bytes.chunks(INFLATE_STEP) {
+            dec.get_mut().clear();
+            dec.write_all(step).map_err(io_err)?;
+            dec.flush().map_err(io_err)?;
+            std::mem::swap(&mut plain_buf, dec.get_mut());
+            written += plain_buf.len() as u64;
+            if written > entry.size {
+                return Err(corrupt("more data than its size".into()));
+            }
+            hasher.update(&plain_buf);
+            out.write_all(&plain_buf)
+                .await
+                .map_err(|e| PodError::io(&entry.path)(e))?;
         }
-        hasher.update(plain);
-        out.write_all(plain)
-            .await
-            .map_err(|e| PodError::io(&entry.path)(e))?;
     }
     if let Some(mut dec) = inflate {
         dec.get_mut().clear();

@@ -83,7 +83,12 @@ fn link_if_absent(tmp: &Path, dest: &Path) -> RemoteResult<()> {
         }
         Err(e) => return Err(RemoteError::io(format!("creating {}", dest.display()))(e)),
     }
-    if let Some(dir) = dest.parent() {
+    sync_dir(dest)
+}
+
+/// Makes a new directory entry for `path` durable.
+fn sync_dir(path: &Path) -> RemoteResult<()> {
+    if let Some(dir) = path.parent() {
         File::open(dir)
             .and_then(|d| d.sync_all())
             .map_err(RemoteError::io(format!("syncing {}", dir.display())))?;
@@ -201,6 +206,23 @@ impl Remote for FileRemote {
         blocking(move || {
             if dest.exists() {
                 return Err(RemoteError::AlreadyExists(dest.display().to_string()));
+            }
+            // Same file system (the default remote and its staging dir): link the staged file
+            // itself, with no copy. Objects are world-readable like any file a user shares.
+            use std::os::unix::fs::PermissionsExt;
+            let shared = std::fs::set_permissions(&src, std::fs::Permissions::from_mode(0o644))
+                .and_then(|()| File::open(&src)?.sync_all());
+            if shared.is_ok() {
+                std::fs::create_dir_all(dest.parent().unwrap_or(Path::new("."))).map_err(
+                    RemoteError::io(format!("creating the directory of {}", dest.display())),
+                )?;
+                match std::fs::hard_link(&src, &dest) {
+                    Ok(()) => return sync_dir(&dest),
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                        return Err(RemoteError::AlreadyExists(dest.display().to_string()));
+                    }
+                    Err(_) => {} // another file system: copy below
+                }
             }
             let tmp = temp_beside(&dest)?;
             std::fs::copy(&src, tmp.path())

@@ -77,6 +77,7 @@ pub trait Remote: Send + Sync + std::fmt::Debug {
 
     /// Stores `file` as state object `version`, only if no state object of that number exists
     /// ([`RemoteError::AlreadyExists`] otherwise). Streams: never holds the whole file in memory.
+    /// The caller must not modify `file` afterwards: a backend may link it instead of copying.
     async fn put_state(&self, pod: &PodName, version: u64, file: &Path) -> RemoteResult<()>;
 
     /// Commits version `version` by creating its version object only if absent
