@@ -7,6 +7,8 @@ use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use filetime::FileTime;
+
 use podfs::pod::manifest::{
     DataRef, Entry, FORMAT, Kind, Manifest, Method, VersionInfo, VersionObject,
 };
@@ -256,6 +258,17 @@ fn a_save_killed_half_way_leaves_no_version_and_the_next_save_succeeds() {
     child.kill().unwrap();
     child.wait().unwrap();
 
+    // The killed save's staged zip is left behind; age it past the sweep's grace period.
+    let leftovers: Vec<_> = std::fs::read_dir(&staging)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(!leftovers.is_empty());
+    for path in &leftovers {
+        filetime::set_file_mtime(path, FileTime::from_unix_time(1_000_000_000, 0)).unwrap();
+    }
+
     p.fails(&["versions", "killed"], "does not exist");
     p.fails(
         &[
@@ -268,6 +281,9 @@ fn a_save_killed_half_way_leaves_no_version_and_the_next_save_succeeds() {
     );
     let out = p.ok(&["save", "killed", "--from", src.to_str().unwrap()]);
     assert!(out.contains("Saved version 1"), "{out}");
+    for path in &leftovers {
+        assert!(!path.exists(), "the next save sweeps {}", path.display());
+    }
     let into = work.path().join("into");
     p.ok(&["load", "killed", "--into", into.to_str().unwrap()]);
     support::assert_same_tree(&src, &into);

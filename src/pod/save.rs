@@ -93,11 +93,17 @@ pub async fn save(
     }
 
     std::fs::create_dir_all(&params.staging_dir).map_err(PodError::io(&params.staging_dir))?;
+    sweep_staging(&params.staging_dir);
     let staged = tempfile::Builder::new()
-        .prefix("save-")
+        .prefix(STAGED_PREFIX)
         .suffix(".zip")
         .tempfile_in(&params.staging_dir)
         .map_err(PodError::io(&params.staging_dir))?;
+    // Held while this save runs, so a sweep by another save leaves the file alone.
+    staged
+        .as_file()
+        .try_lock()
+        .map_err(|e| PodError::io(staged.path())(std::io::Error::other(e)))?;
     let mut entries = plan.entries;
     let has_state = !plan.to_store.is_empty();
     if has_state {
@@ -171,6 +177,34 @@ pub async fn save(
         }
     }
     Err(PodError::TooManyConflicts(MAX_ATTEMPTS))
+}
+
+/// Staged state zips are named `save-*.zip` in the staging dir.
+const STAGED_PREFIX: &str = "save-";
+
+/// Removes staged state zips left by saves that were killed: those no running save holds a lock
+/// on and that are older than a minute (a new one may not be locked yet). Best effort.
+fn sweep_staging(dir: &Path) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in rd.flatten() {
+        let name = entry.file_name();
+        let stale = name.to_str().is_some_and(|n| n.starts_with(STAGED_PREFIX))
+            && entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().is_ok_and(|age| age.as_secs() > 60));
+        if !stale {
+            continue;
+        }
+        if let Ok(f) = std::fs::File::open(entry.path())
+            && f.try_lock().is_ok()
+        {
+            tracing::info!(path = %entry.path().display(), "removing a staged file left by a killed save");
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 /// Builds version `n`'s object, pointing newly stored files at state object `n`.
