@@ -95,16 +95,21 @@ pub async fn save(ctx: &Context, args: SaveArgs) -> Result<()> {
         message: args.message,
         creator: config::creator(),
         staging_dir: ctx.volume.staging_dir(),
+        exclude: vec![ctx.volume.root().to_owned()],
         ..SaveParams::default()
     };
     let out = crate::pod::save::save(&remote, &pod, &args.from, &params, &ctx.progress())
         .await
         .with_context(|| format!("saving {} as pod {pod}", args.from.display()))?;
     for path in &out.skipped {
-        eprintln!(
-            "warning: skipped {} (sockets, FIFOs and devices cannot be saved)",
-            path.display()
-        );
+        if path.is_dir() {
+            eprintln!("note: left out {} (podfs's own volume dir)", path.display());
+        } else {
+            eprintln!(
+                "warning: skipped {} (sockets, FIFOs and devices cannot be saved)",
+                path.display()
+            );
+        }
     }
     if args.json {
         let v = json!({
@@ -192,8 +197,11 @@ pub async fn list(ctx: &Context, remote_name: &str, as_json: bool) -> Result<()>
         let Some(&latest) = remote.list_versions(&pod).await?.last() else {
             continue;
         };
-        let info = read_info(&remote, &pod, latest).await?;
-        rows.push((pod, info));
+        // One damaged pod must not hide the others.
+        match read_info(&remote, &pod, latest).await {
+            Ok(info) => rows.push((pod, info)),
+            Err(e) => eprintln!("warning: {e}"),
+        }
     }
     if as_json {
         let v: Vec<_> = rows

@@ -533,3 +533,24 @@ fn remote_list_masks_literal_credentials() {
         "{out}"
     );
 }
+
+#[test]
+fn saving_a_tree_that_holds_the_volume_dir_leaves_the_volume_out() {
+    let work = tempfile::tempdir().unwrap();
+    let tree = work.path().join("home");
+    std::fs::create_dir_all(tree.join("project")).unwrap();
+    std::fs::write(tree.join("project/file"), "data").unwrap();
+    let volume = tree.join(".local/share/podfs");
+    let p = Podfs::new().env("PODFS_HOME", volume.to_str().unwrap());
+    let out = p.run(&["save", "home", "--from", tree.to_str().unwrap()]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("left out"));
+    // Saving again sees no change: the pod's own objects are not part of the tree.
+    let again = p.ok(&["save", "home", "--from", tree.to_str().unwrap()]);
+    assert!(again.contains("Nothing changed"), "{again}");
+    let inspect = p.ok(&["inspect", "home"]);
+    assert!(
+        inspect.contains("project/file") && !inspect.contains("podfs/pods"),
+        "{inspect}"
+    );
+}

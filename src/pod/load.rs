@@ -18,7 +18,7 @@ use futures::{StreamExt, TryStreamExt};
 
 use super::manifest::{Entry, Kind, VersionObject};
 use super::read::{ReadBudget, copy_file, read_version, resolve_version};
-use super::scan::{Scanned, scan};
+use super::scan::{Exclude, Scanned, scan};
 use super::{PodError, PodName, PodResult, blocking};
 use crate::progress::Progress;
 use crate::remote::Remote;
@@ -75,7 +75,7 @@ pub async fn load(
     let obj = read_version(remote, pod, version).await?;
     let root = dir.to_owned();
     let current = blocking(move || match std::fs::symlink_metadata(&root) {
-        Ok(_) => Ok(scan(&root)?.entries),
+        Ok(_) => Ok(scan(&root, &Exclude::default())?.entries),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
         Err(e) => Err(PodError::io(&root)(e)),
     })

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use super::manifest::{DataRef, Entry, FORMAT, Kind, Manifest, VersionInfo, VersionObject};
 use super::read::read_version;
-use super::scan::{Scanned, scan};
+use super::scan::{Exclude, Scanned, scan};
 use super::state::{DEFAULT_COMPRESS_BELOW, StateInput, write_state_zip};
 use super::{PodError, PodName, PodResult, blocking};
 use crate::progress::Progress;
@@ -31,6 +31,8 @@ pub struct SaveParams {
     pub staging_dir: PathBuf,
     /// Files below this size are deflated, others stored.
     pub compress_below: u64,
+    /// Directories never saved (podfs's own volume dir, when it is inside the tree).
+    pub exclude: Vec<PathBuf>,
 }
 
 impl Default for SaveParams {
@@ -40,6 +42,7 @@ impl Default for SaveParams {
             creator: String::new(),
             staging_dir: std::env::temp_dir(),
             compress_below: DEFAULT_COMPRESS_BELOW,
+            exclude: Vec::new(),
         }
     }
 }
@@ -68,8 +71,11 @@ pub async fn save(
     params: &SaveParams,
     progress: &Arc<dyn Progress>,
 ) -> PodResult<SaveOutcome> {
+    // Made first, so an excluded volume dir that holds it exists when the scan looks for it.
+    std::fs::create_dir_all(&params.staging_dir).map_err(PodError::io(&params.staging_dir))?;
     let root = dir.to_owned();
-    let scanned = blocking(move || scan(&root)).await?;
+    let exclude = params.exclude.clone();
+    let scanned = blocking(move || scan(&root, &Exclude::dirs(&exclude))).await?;
     let previous = remote.list_versions(pod).await?.last().copied();
     let prev = match previous {
         Some(v) => Some(read_version(remote, pod, v).await?),
@@ -92,7 +98,6 @@ pub async fn save(
         return Ok(outcome);
     }
 
-    std::fs::create_dir_all(&params.staging_dir).map_err(PodError::io(&params.staging_dir))?;
     sweep_staging(&params.staging_dir);
     let staged = tempfile::Builder::new()
         .prefix(STAGED_PREFIX)

@@ -48,12 +48,32 @@ impl Scanned {
 #[derive(Debug, Default)]
 pub struct Scan {
     pub entries: Vec<Scanned>,
-    /// Sockets, FIFOs and device files, which a pod cannot hold.
+    /// Sockets, FIFOs and device files, which a pod cannot hold, and excluded directories.
     pub skipped: Vec<PathBuf>,
 }
 
-/// Scans `root` (which must be a directory). Paths must be UTF-8 and free of backslashes.
-pub fn scan(root: &Path) -> PodResult<Scan> {
+/// Directories a scan leaves out, by identity (device, inode), e.g. podfs's own volume dir.
+#[derive(Debug, Clone, Default)]
+pub struct Exclude(Vec<(u64, u64)>);
+
+impl Exclude {
+    /// Excludes each existing directory of `dirs` (missing ones are ignored).
+    pub fn dirs(dirs: &[PathBuf]) -> Self {
+        Self(
+            dirs.iter()
+                .filter_map(|d| std::fs::metadata(d).ok())
+                .map(|m| (m.dev(), m.ino()))
+                .collect(),
+        )
+    }
+    fn contains(&self, md: &std::fs::Metadata) -> bool {
+        self.0.contains(&(md.dev(), md.ino()))
+    }
+}
+
+/// Scans `root` (which must be a directory), leaving out `exclude`. Paths must be UTF-8 and
+/// free of backslashes.
+pub fn scan(root: &Path, exclude: &Exclude) -> PodResult<Scan> {
     let md = std::fs::metadata(root).map_err(PodError::io(root))?;
     if !md.is_dir() {
         return Err(PodError::Unsupported {
@@ -62,13 +82,13 @@ pub fn scan(root: &Path) -> PodResult<Scan> {
         });
     }
     let mut out = Scan::default();
-    walk(root, "", &mut out)?;
+    walk(root, "", exclude, &mut out)?;
     out.entries
         .sort_by(|a, b| a.path.as_bytes().cmp(b.path.as_bytes()));
     Ok(out)
 }
 
-fn walk(dir: &Path, rel: &str, out: &mut Scan) -> PodResult<()> {
+fn walk(dir: &Path, rel: &str, exclude: &Exclude, out: &mut Scan) -> PodResult<()> {
     let rd = std::fs::read_dir(dir).map_err(PodError::io(dir))?;
     for entry in rd {
         let entry = entry.map_err(PodError::io(dir))?;
@@ -109,13 +129,17 @@ fn walk(dir: &Path, rel: &str, out: &mut Scan) -> PodResult<()> {
         } else {
             None
         };
+        if md.is_dir() && exclude.contains(&md) {
+            out.skipped.push(abs);
+            continue;
+        }
         match Scanned::from_metadata(path, &md, target) {
             Some(s) => {
                 let is_dir = s.kind == Kind::Dir;
                 let rel = s.path.clone();
                 out.entries.push(s);
                 if is_dir {
-                    walk(&abs, &rel, out)?;
+                    walk(&abs, &rel, exclude, out)?;
                 }
             }
             None => out.skipped.push(abs),
@@ -136,11 +160,16 @@ mod tests {
         std::fs::create_dir(r.join("a-b")).unwrap();
         std::fs::write(r.join("a/b/f"), b"hello").unwrap();
         std::os::unix::fs::symlink("../x", r.join("a/l")).unwrap();
-        let s = scan(r).unwrap();
+        let s = scan(r, &Exclude::default()).unwrap();
         let paths: Vec<_> = s.entries.iter().map(|e| e.path.as_str()).collect();
         assert_eq!(paths, ["a", "a-b", "a/b", "a/b/f", "a/l"]);
         assert_eq!(s.entries[3].size, 5);
         assert_eq!(s.entries[4].target.as_deref(), Some("../x"));
         assert_eq!(s.entries[4].kind, Kind::Symlink);
+
+        let s = scan(r, &Exclude::dirs(&[r.join("a/b")])).unwrap();
+        let paths: Vec<_> = s.entries.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["a", "a-b", "a/l"]);
+        assert_eq!(s.skipped, [r.join("a/b")]);
     }
 }
