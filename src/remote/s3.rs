@@ -472,7 +472,12 @@ impl S3Remote {
                 .send()
                 .await
             {
-                tracing::warn!(remote = %self.name, key, "could not abort a failed multipart upload: {}", self.classify(e, key));
+                tracing::warn!(
+                    remote = %self.name,
+                    key,
+                    "could not abort the failed multipart upload (its parts stay in the bucket until an AbortIncompleteMultipartUpload lifecycle rule removes them): {}",
+                    self.classify(e, key)
+                );
             }
         }
         result.map_err(WriteFailure::Failed)
