@@ -6,7 +6,8 @@
 //! `{access_key_id}`, `{secret_access_key}` and `{session_token}` read the standard
 //! `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` and `AWS_SESSION_TOKEN`; any other `{name}` reads
 //! `NAME` (upper-cased), e.g. `{oras_password}` reads `ORAS_PASSWORD`. An `s3://` URL without an
-//! `endpoint=` takes `AWS_ENDPOINT_URL_S3`, else `AWS_ENDPOINT_URL`, when set. Types that hold
+//! `endpoint=` takes `AWS_ENDPOINT_URL_S3`, else `AWS_ENDPOINT_URL`, when set, and an HTTPS one
+//! takes `AWS_CA_BUNDLE` (never a plain-HTTP one: there is no TLS to configure). Types that hold
 //! resolved secrets redact them in `Debug`.
 
 use std::collections::BTreeMap;
@@ -373,6 +374,14 @@ pub fn resolve_with(
             }
         }
     }
+    if let RemoteUrl::S3(s3) = &mut url
+        && s3
+            .endpoint
+            .as_ref()
+            .is_none_or(|e| e.starts_with("https://"))
+    {
+        s3.ca_bundle = lookup("AWS_CA_BUNDLE").map(PathBuf::from);
+    }
     Ok(url)
 }
 
@@ -485,6 +494,9 @@ pub struct S3Url {
     pub part_size: Option<u64>,
     /// Per-request timeout in seconds.
     pub timeout_secs: Option<u64>,
+    /// A PEM file of extra CA certificates to trust (from `AWS_CA_BUNDLE`). Filled only for
+    /// HTTPS (an `https://` endpoint or AWS itself): a plain-HTTP endpoint has no use for it.
+    pub ca_bundle: Option<PathBuf>,
 }
 
 /// A resolved `oras://` URL.
@@ -587,6 +599,7 @@ fn parse_s3(url: &url::Url) -> std::result::Result<S3Url, String> {
         checksum: ChecksumMode::default(),
         part_size: None,
         timeout_secs: None,
+        ca_bundle: None,
     };
     for (k, v) in url.query_pairs() {
         let v = v.into_owned();
@@ -772,7 +785,7 @@ mod tests {
     }
 
     #[test]
-    fn s3_endpoint_from_env_unless_in_url() {
+    fn s3_endpoint_and_ca_bundle_from_env() {
         let s3_of = |url: &str, vars: &[(&str, &str)]| match resolve_with("r", url, env(vars)) {
             Ok(RemoteUrl::S3(s3)) => s3.endpoint,
             other => panic!("{other:?}"),

@@ -141,6 +141,9 @@ impl S3Remote {
         if let Some(endpoint) = &url.endpoint {
             loader = loader.endpoint_url(endpoint);
         }
+        if let Some(bundle) = &url.ca_bundle {
+            loader = loader.http_client(https_client_trusting(name, bundle).await?);
+        }
         let sdk = loader.load().await;
         let (request_checksums, response_checksums) = match url.checksum {
             ChecksumMode::WhenRequired => (
@@ -541,6 +544,33 @@ impl S3Remote {
             .map(|_| ())
             .map_err(|e| self.classify(e, key))
     }
+}
+
+/// An HTTPS client that trusts the system roots and the PEM certificates in `bundle`
+/// (`AWS_CA_BUNDLE`).
+async fn https_client_trusting(
+    remote: &str,
+    bundle: &Path,
+) -> RemoteResult<aws_sdk_s3::config::SharedHttpClient> {
+    use aws_smithy_http_client::tls::{self, TlsContext, TrustStore, rustls_provider::CryptoMode};
+    let bad = |reason: String| RemoteError::Other {
+        remote: remote.to_owned(),
+        detail: format!(
+            "the CA bundle {} (AWS_CA_BUNDLE) {reason}: fix the file or unset AWS_CA_BUNDLE",
+            bundle.display()
+        ),
+    };
+    let pem = tokio::fs::read(bundle)
+        .await
+        .map_err(|e| bad(format!("cannot be read ({e})")))?;
+    let context = TlsContext::builder()
+        .with_trust_store(TrustStore::default().with_pem_certificate(pem))
+        .build()
+        .map_err(|e| bad(format!("is not usable ({})", error_chain(&e))))?;
+    Ok(aws_smithy_http_client::Builder::new()
+        .tls_provider(tls::Provider::Rustls(CryptoMode::AwsLc))
+        .tls_context(context)
+        .build_https())
 }
 
 /// Reads `len` bytes at `offset` of `file` on the blocking pool.
