@@ -377,34 +377,42 @@ impl S3Remote {
     }
 
     /// One GET of `key` with an optional `Range` header; returns the body and the object's total
-    /// size when the server sent a `Content-Range`.
+    /// size when the server sent a `Content-Range`. The SDK retries the request; a connection
+    /// that breaks while the body streams is retried here, as many times.
     async fn get(&self, key: &str, range: Option<String>) -> RemoteResult<(Bytes, Option<u64>)> {
-        let resp = self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .set_range(range)
-            .send()
-            .await
-            .map_err(|e| self.classify(e, key))?;
-        let total = resp
-            .content_range()
-            .and_then(|r| r.rsplit_once('/'))
-            .and_then(|(_, total)| total.parse::<u64>().ok());
-        let body = resp
-            .body
-            .collect()
-            .await
-            .map_err(|e| RemoteError::Unavailable {
-                remote: self.name.clone(),
-                detail: format!(
-                    "the connection broke while reading {}: {} (try again)",
-                    self.object_url(key),
-                    error_chain(&e)
-                ),
-            })?;
-        Ok((body.into_bytes(), total))
+        let mut attempt = 1;
+        loop {
+            let resp = self
+                .client
+                .get_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .set_range(range.clone())
+                .send()
+                .await
+                .map_err(|e| self.classify(e, key))?;
+            let total = resp
+                .content_range()
+                .and_then(|r| r.rsplit_once('/'))
+                .and_then(|(_, total)| total.parse::<u64>().ok());
+            match resp.body.collect().await {
+                Ok(body) => return Ok((body.into_bytes(), total)),
+                Err(e) if attempt < MAX_ATTEMPTS => {
+                    tracing::debug!(remote = %self.name, key, attempt, "reading a response body failed, retrying: {}", error_chain(&e));
+                    attempt += 1;
+                }
+                Err(e) => {
+                    return Err(RemoteError::Unavailable {
+                        remote: self.name.clone(),
+                        detail: format!(
+                            "the connection broke while reading {} ({MAX_ATTEMPTS} attempts): {} (try again)",
+                            self.object_url(key),
+                            error_chain(&e)
+                        ),
+                    });
+                }
+            }
+        }
     }
 
     async fn put_small(&self, key: &str, body: Bytes) -> Result<(), WriteFailure> {
