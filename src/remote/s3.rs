@@ -301,6 +301,7 @@ impl S3Remote {
 
     /// Creates the bucket (with a location constraint outside us-east-1). A bucket that already
     /// exists is fine: the write that needed it is retried and reports any real problem.
+    #[tracing::instrument(level = "debug", skip(self), fields(remote = %self.name, bucket = %self.bucket))]
     async fn create_bucket(&self) -> RemoteResult<()> {
         tracing::info!(remote = %self.name, bucket = %self.bucket, region = %self.region, "creating the bucket");
         let mut req = self.client.create_bucket().bucket(&self.bucket);
@@ -327,6 +328,7 @@ impl S3Remote {
 
     /// Every pod object (key relative to the prefix, parsed) whose name starts with `start`;
     /// all pages of ListObjectsV2. A missing bucket is an empty remote.
+    #[tracing::instrument(level = "debug", skip(self), fields(remote = %self.name))]
     async fn list(&self, start: &str) -> RemoteResult<Vec<(PodName, ObjectKind, u64)>> {
         let prefix = format!("{}{start}", self.prefix);
         let mut out = Vec::new();
@@ -379,6 +381,7 @@ impl S3Remote {
     /// One GET of `key` with an optional `Range` header; returns the body and the object's total
     /// size when the server sent a `Content-Range`. The SDK retries the request; a connection
     /// that breaks while the body streams is retried here, as many times.
+    #[tracing::instrument(level = "debug", skip(self), fields(remote = %self.name))]
     async fn get(&self, key: &str, range: Option<String>) -> RemoteResult<(Bytes, Option<u64>)> {
         let mut attempt = 1;
         loop {
@@ -415,6 +418,7 @@ impl S3Remote {
         }
     }
 
+    #[tracing::instrument(level = "debug", skip(self, body), fields(remote = %self.name, len = body.len()))]
     async fn put_small(&self, key: &str, body: Bytes) -> Result<(), WriteFailure> {
         self.client
             .put_object()
@@ -447,6 +451,7 @@ impl S3Remote {
     }
 
     /// Uploads `file` (`size` bytes) to `key` as a multipart upload, created only if absent.
+    #[tracing::instrument(level = "debug", skip(self, file), fields(remote = %self.name))]
     async fn put_multipart(
         &self,
         key: &str,
@@ -780,6 +785,7 @@ impl Remote for S3Remote {
 
 impl S3Remote {
     /// DeleteObject; a missing object or bucket is not an error.
+    #[tracing::instrument(level = "debug", skip(self), fields(remote = %self.name))]
     async fn delete(&self, key: &str) -> RemoteResult<()> {
         match self
             .client
