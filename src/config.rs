@@ -1,9 +1,14 @@
 //! Configuration: the volume dir, `remotes.toml`, and remote URL templates.
 //!
 //! This is the only module that reads environment variables (besides `main.rs` for logging).
-//! Remote URLs are stored verbatim as templates: a `{placeholder}` is resolved from the
-//! environment variable of the same name, upper-cased, only when the remote is used, so a resolved
-//! secret never reaches `remotes.toml`. Types that hold resolved secrets redact them in `Debug`.
+//! Remote URLs are stored verbatim as templates: a `{placeholder}` is resolved from an environment
+//! variable only when the remote is used, so a resolved secret never reaches `remotes.toml`:
+//! `{access_key_id}`, `{secret_access_key}` and `{session_token}` read the standard
+//! `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` and `AWS_SESSION_TOKEN`; any other `{name}` reads
+//! `NAME` (upper-cased), e.g. `{oras_password}` reads `ORAS_PASSWORD`. An `s3://` URL without an
+//! `endpoint=` takes `AWS_ENDPOINT_URL_S3`, else `AWS_ENDPOINT_URL`, when set, and an HTTPS one
+//! takes `AWS_CA_BUNDLE` (never a plain-HTTP one: there is no TLS to configure). Types that hold
+//! resolved secrets redact them in `Debug`.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -291,8 +296,19 @@ const VALUE: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'_')
     .remove(b'~');
 
-/// Fills every placeholder from the environment through `lookup` (name → value), percent-encoding
-/// each value. An unset variable is an error that names it.
+/// The environment variable a placeholder reads: the AWS credential placeholders read the standard
+/// `AWS_*` variables (as in the pod remotes document); any other `{name}` reads `NAME`.
+fn placeholder_var(name: &str) -> String {
+    match name.to_ascii_lowercase().as_str() {
+        "access_key_id" => "AWS_ACCESS_KEY_ID".to_owned(),
+        "secret_access_key" => "AWS_SECRET_ACCESS_KEY".to_owned(),
+        "session_token" => "AWS_SESSION_TOKEN".to_owned(),
+        _ => name.to_ascii_uppercase(),
+    }
+}
+
+/// Fills every placeholder from the environment through `lookup` (variable → value),
+/// percent-encoding each value. An unset variable is an error that names it.
 fn fill_template(
     remote: &str,
     url: &str,
@@ -303,7 +319,7 @@ fn fill_template(
         match piece {
             Piece::Text(t) => out.push_str(t),
             Piece::Placeholder(name) => {
-                let var = name.to_ascii_uppercase();
+                let var = placeholder_var(name);
                 let value = lookup(&var).ok_or_else(|| ConfigError::MissingVariable {
                     remote: remote.to_owned(),
                     placeholder: name.to_owned(),
@@ -339,11 +355,45 @@ pub fn resolve_with(
     template: &str,
     lookup: impl Fn(&str) -> Option<String>,
 ) -> Result<RemoteUrl> {
-    let filled = fill_template(name, template, lookup)?;
-    RemoteUrl::parse(&filled).map_err(|reason| ConfigError::InvalidUrl {
+    let filled = fill_template(name, template, &lookup)?;
+    let mut url = RemoteUrl::parse(&filled).map_err(|reason| ConfigError::InvalidUrl {
         url: mask_url(template),
         reason,
-    })
+    })?;
+    if let RemoteUrl::S3(s3) = &mut url
+        && s3.endpoint.is_none()
+    {
+        for var in ["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"] {
+            if let Some(v) = lookup(var) {
+                let endpoint = parse_endpoint(&v).map_err(|reason| ConfigError::InvalidUrl {
+                    url: format!("{var}={v}"),
+                    reason,
+                })?;
+                s3.endpoint = Some(endpoint);
+                break;
+            }
+        }
+    }
+    if let RemoteUrl::S3(s3) = &mut url
+        && s3
+            .endpoint
+            .as_ref()
+            .is_none_or(|e| e.starts_with("https://"))
+    {
+        s3.ca_bundle = lookup("AWS_CA_BUNDLE").map(PathBuf::from);
+    }
+    Ok(url)
+}
+
+/// Checks an S3 endpoint (`http://` or `https://` with a host) and drops a trailing '/'.
+fn parse_endpoint(v: &str) -> std::result::Result<String, String> {
+    let e = url::Url::parse(v).map_err(|e| format!("endpoint {v:?}: {e}"))?;
+    if !matches!(e.scheme(), "http" | "https") || e.host_str().is_none() {
+        return Err(format!(
+            "endpoint {v:?} must be an http:// or https:// URL with a host"
+        ));
+    }
+    Ok(v.trim_end_matches('/').to_owned())
 }
 
 /// The names of credential-bearing query parameters.
@@ -444,6 +494,9 @@ pub struct S3Url {
     pub part_size: Option<u64>,
     /// Per-request timeout in seconds.
     pub timeout_secs: Option<u64>,
+    /// A PEM file of extra CA certificates to trust (from `AWS_CA_BUNDLE`). Filled only for
+    /// HTTPS (an `https://` endpoint or AWS itself): a plain-HTTP endpoint has no use for it.
+    pub ca_bundle: Option<PathBuf>,
 }
 
 /// A resolved `oras://` URL.
@@ -546,6 +599,7 @@ fn parse_s3(url: &url::Url) -> std::result::Result<S3Url, String> {
         checksum: ChecksumMode::default(),
         part_size: None,
         timeout_secs: None,
+        ca_bundle: None,
     };
     for (k, v) in url.query_pairs() {
         let v = v.into_owned();
@@ -560,15 +614,7 @@ fn parse_s3(url: &url::Url) -> std::result::Result<S3Url, String> {
             "secret_access_key" => s3.secret_access_key = Some(Secret(v)),
             "session_token" => s3.session_token = Some(Secret(v)),
             "region" => s3.region = Some(v),
-            "endpoint" => {
-                let e = url::Url::parse(&v).map_err(|e| format!("endpoint {v:?}: {e}"))?;
-                if !matches!(e.scheme(), "http" | "https") || e.host_str().is_none() {
-                    return Err(format!(
-                        "endpoint {v:?} must be an http:// or https:// URL with a host"
-                    ));
-                }
-                s3.endpoint = Some(v.trim_end_matches('/').to_owned());
-            }
+            "endpoint" => s3.endpoint = Some(parse_endpoint(&v)?),
             "checksum" => {
                 s3.checksum = match v.as_str() {
                     "when_required" => ChecksumMode::WhenRequired,
@@ -678,8 +724,8 @@ mod tests {
             "s3-storage-aws",
             SEED_S3,
             env(&[
-                ("ACCESS_KEY_ID", "AKIA/x+y"),
-                ("SECRET_ACCESS_KEY", "s&c=r?t"),
+                ("AWS_ACCESS_KEY_ID", "AKIA/x+y"),
+                ("AWS_SECRET_ACCESS_KEY", "s&c=r?t"),
             ]),
         )
         .unwrap();
@@ -695,10 +741,82 @@ mod tests {
 
     #[test]
     fn missing_variable_is_named() {
-        let err = resolve_with("r", SEED_S3, env(&[("ACCESS_KEY_ID", "a")])).unwrap_err();
+        let err = resolve_with("r", SEED_S3, env(&[("AWS_ACCESS_KEY_ID", "a")])).unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("SECRET_ACCESS_KEY"), "{msg}");
+        assert!(msg.contains("AWS_SECRET_ACCESS_KEY"), "{msg}");
+        assert!(msg.contains("{secret_access_key}"), "{msg}");
         assert!(matches!(err, ConfigError::MissingVariable { .. }));
+        // The bare upper-cased names are not what the seed's placeholders read.
+        let err = resolve_with(
+            "r",
+            SEED_S3,
+            env(&[("ACCESS_KEY_ID", "a"), ("SECRET_ACCESS_KEY", "b")]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("AWS_ACCESS_KEY_ID"), "{err}");
+    }
+
+    #[test]
+    fn placeholders_map_to_variables() {
+        assert_eq!(placeholder_var("access_key_id"), "AWS_ACCESS_KEY_ID");
+        assert_eq!(
+            placeholder_var("secret_access_key"),
+            "AWS_SECRET_ACCESS_KEY"
+        );
+        assert_eq!(placeholder_var("session_token"), "AWS_SESSION_TOKEN");
+        assert_eq!(placeholder_var("oras_username"), "ORAS_USERNAME");
+        assert_eq!(placeholder_var("oras_password"), "ORAS_PASSWORD");
+        assert_eq!(placeholder_var("my_bucket"), "MY_BUCKET");
+        let RemoteUrl::S3(s3) = resolve_with(
+            "r",
+            "s3://b-{my_bucket}/?access_key_id={access_key_id}&secret_access_key={secret_access_key}&session_token={session_token}",
+            env(&[
+                ("MY_BUCKET", "x"),
+                ("AWS_ACCESS_KEY_ID", "a"),
+                ("AWS_SECRET_ACCESS_KEY", "s"),
+                ("AWS_SESSION_TOKEN", "t"),
+            ]),
+        )
+        .unwrap() else {
+            panic!("not s3")
+        };
+        assert_eq!(s3.bucket, "b-x");
+        assert_eq!(s3.session_token.unwrap().expose(), "t");
+    }
+
+    #[test]
+    fn s3_endpoint_and_ca_bundle_from_env() {
+        let s3_of = |url: &str, vars: &[(&str, &str)]| match resolve_with("r", url, env(vars)) {
+            Ok(RemoteUrl::S3(s3)) => s3.endpoint,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(s3_of("s3://bucket/", &[]), None);
+        assert_eq!(
+            s3_of("s3://bucket/", &[("AWS_ENDPOINT_URL", "http://h:1/")]).as_deref(),
+            Some("http://h:1")
+        );
+        assert_eq!(
+            s3_of(
+                "s3://bucket/",
+                &[
+                    ("AWS_ENDPOINT_URL", "http://h:1"),
+                    ("AWS_ENDPOINT_URL_S3", "http://s3:2")
+                ]
+            )
+            .as_deref(),
+            Some("http://s3:2")
+        );
+        assert_eq!(
+            s3_of(
+                "s3://bucket/?endpoint=http://url:3",
+                &[("AWS_ENDPOINT_URL_S3", "http://s3:2")]
+            )
+            .as_deref(),
+            Some("http://url:3")
+        );
+        let err =
+            resolve_with("r", "s3://bucket/", env(&[("AWS_ENDPOINT_URL", "ftp://x")])).unwrap_err();
+        assert!(err.to_string().contains("AWS_ENDPOINT_URL"), "{err}");
     }
 
     #[test]

@@ -117,10 +117,7 @@ pub async fn open(
 ) -> RemoteResult<Arc<dyn Remote>> {
     match url {
         RemoteUrl::File(path) => Ok(Arc::new(file::FileRemote::new(name, path))),
-        RemoteUrl::S3(s3) => {
-            s3::S3Remote::new(name, s3).await?;
-            unreachable_backend(name)
-        }
+        RemoteUrl::S3(s3) => Ok(Arc::new(s3::S3Remote::new(name, s3).await?)),
         RemoteUrl::Oras(o) => {
             oras::OrasRemote::new(name, o)?;
             unreachable_backend(name)
@@ -172,6 +169,13 @@ pub fn parse_object_name(name: &str) -> Option<(PodName, ObjectKind, u64)> {
         return None;
     };
     Some((PodName::new(pod).ok()?, kind, n))
+}
+
+fn unreachable_backend(name: &str) -> RemoteResult<Arc<dyn Remote>> {
+    Err(RemoteError::Other {
+        remote: name.to_owned(),
+        detail: "backend not available".into(),
+    })
 }
 
 #[cfg(test)]
