@@ -171,13 +171,6 @@ pub fn parse_object_name(name: &str) -> Option<(PodName, ObjectKind, u64)> {
     Some((PodName::new(pod).ok()?, kind, n))
 }
 
-fn unreachable_backend(name: &str) -> RemoteResult<Arc<dyn Remote>> {
-    Err(RemoteError::Other {
-        remote: name.to_owned(),
-        detail: "backend not available".into(),
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
