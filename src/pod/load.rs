@@ -10,18 +10,21 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use filetime::FileTime;
 use futures::{StreamExt, TryStreamExt};
 
-use super::manifest::{Entry, Kind, VersionObject};
-use super::read::{ReadBudget, copy_file, read_version, resolve_version};
+use super::manifest::{DataRef, Entry, Kind, VersionObject};
+use super::read::{
+    CHUNK, ReadBudget, copy_file, decode_into, fetch, read_version, resolve_version,
+};
 use super::scan::{Exclude, Scanned, scan};
 use super::{PodError, PodName, PodResult, blocking};
 use crate::progress::Progress;
-use crate::remote::Remote;
+use crate::remote::{Remote, RemoteError};
 
 /// Files written at once.
 const FILES_IN_FLIGHT: usize = 8;
@@ -181,8 +184,16 @@ async fn apply(
     // 2. Files and symlinks, several at once.
     progress.start("loading", plan.bytes);
     let budget = ReadBudget::default();
-    futures::stream::iter(touched.iter().filter(|e| e.kind != Kind::Dir))
-        .map(|e| write_entry(remote, pod, obj.info.version, dir, e, progress, &budget))
+    let ctx = WriteCtx {
+        remote,
+        pod,
+        via: obj.info.version,
+        dir,
+        progress,
+        budget: &budget,
+    };
+    futures::stream::iter(jobs(&touched))
+        .map(|job| ctx.run(job))
         .buffer_unordered(FILES_IN_FLIGHT)
         .try_collect::<()>()
         .await?;
@@ -246,73 +257,204 @@ fn set_mode(path: &Path, mode: u32) -> PodResult<()> {
         .map_err(PodError::io(path))
 }
 
-/// Writes one file or symlink to a temporary name beside it, then renames it into place.
-async fn write_entry(
-    remote: &Arc<dyn Remote>,
-    pod: &PodName,
-    version: u64,
-    dir: &Path,
-    e: &Entry,
-    progress: &Arc<dyn Progress>,
-    budget: &ReadBudget,
-) -> PodResult<()> {
-    let dest = dir.join(&e.path);
-    let parent = dest.parent().unwrap_or(dir).to_owned();
-    let mtime = FileTime::from_unix_time(e.mtime, e.mtime_nsec);
-    match e.kind {
-        Kind::Dir => Ok(()),
-        Kind::Symlink => {
-            let target = e.target.clone().unwrap_or_default();
-            blocking(move || {
-                let tmp = temp_name(&parent);
-                std::os::unix::fs::symlink(&target, &tmp).map_err(PodError::io(&tmp))?;
-                let done = filetime::set_symlink_file_times(&tmp, mtime, mtime)
-                    .map_err(PodError::io(&tmp))
-                    .and_then(|()| replace(&tmp, &dest));
-                if done.is_err() {
-                    let _ = std::fs::remove_file(&tmp);
-                }
-                done
-            })
-            .await
-        }
-        Kind::File => {
-            let p = parent.clone();
-            let tmp = blocking(move || {
-                tempfile::Builder::new()
-                    .prefix(".podfs-load-")
-                    .tempfile_in(&p)
-                    .map_err(PodError::io(&p))
-            })
-            .await?;
-            let (std_file, tmp_path) = tmp.into_parts();
-            let mut file = tokio::fs::File::from_std(std_file);
-            let mut counting = ProgressWriter {
-                inner: &mut file,
-                progress: &**progress,
-            };
-            copy_file(remote, pod, version, e, &mut counting, budget).await?;
-            tokio::io::AsyncWriteExt::flush(&mut file)
-                .await
-                .map_err(PodError::io(&dest))?;
-            let std_file = file.into_std().await;
-            let mode = e.mode;
-            blocking(move || {
-                use std::os::unix::fs::PermissionsExt;
-                std_file
-                    .set_permissions(std::fs::Permissions::from_mode(mode))
-                    .map_err(PodError::io(&dest))?;
-                filetime::set_file_handle_times(&std_file, Some(mtime), Some(mtime))
-                    .map_err(PodError::io(&dest))?;
-                drop(std_file);
-                replace(&tmp_path, &dest)?;
-                // The rename consumed the temporary name: disarm its guard.
-                let _ = tmp_path.keep();
-                Ok(())
-            })
-            .await
+/// Small files: read together with their neighbours and decoded in memory.
+const SMALL_CSIZE: u64 = 1 << 20;
+const SMALL_SIZE: u64 = 4 << 20;
+/// Bytes between two small files that a coalesced read may skip over (zip local headers).
+const MAX_GAP: u64 = 64 << 10;
+
+/// One unit of load work.
+enum Job<'a> {
+    Symlink(&'a Entry),
+    /// A large file: streamed by ranges.
+    Large(&'a Entry),
+    /// Small files lying close together in one state object: one range read for all.
+    Batch {
+        state: u64,
+        range: Range<u64>,
+        entries: Vec<&'a Entry>,
+    },
+}
+
+/// Groups the files and symlinks to write into jobs, coalescing neighbouring small files so a
+/// tree of many small files costs a few range requests, not one each.
+fn jobs<'a>(touched: &[&'a Entry]) -> Vec<Job<'a>> {
+    let mut jobs = Vec::new();
+    let mut small: Vec<(&'a Entry, DataRef)> = Vec::new();
+    for &e in touched {
+        match (e.kind, e.data) {
+            (Kind::Symlink, _) => jobs.push(Job::Symlink(e)),
+            (Kind::File, Some(d)) if d.csize <= SMALL_CSIZE && e.size <= SMALL_SIZE => {
+                small.push((e, d))
+            }
+            (Kind::File, _) => jobs.push(Job::Large(e)),
+            (Kind::Dir, _) => {}
         }
     }
+    small.sort_by_key(|(_, d)| (d.state, d.offset));
+    for (e, d) in small {
+        let end = d.offset + d.csize;
+        if let Some(Job::Batch {
+            state,
+            range,
+            entries,
+        }) = jobs.last_mut()
+            && *state == d.state
+            && d.offset >= range.end
+            && d.offset - range.end <= MAX_GAP
+            && end - range.start <= CHUNK
+        {
+            range.end = end;
+            entries.push(e);
+            continue;
+        }
+        jobs.push(Job::Batch {
+            state: d.state,
+            range: d.offset..end,
+            entries: vec![e],
+        });
+    }
+    jobs
+}
+
+/// What writing files needs, shared by all jobs of a load.
+struct WriteCtx<'a> {
+    remote: &'a Arc<dyn Remote>,
+    pod: &'a PodName,
+    via: u64,
+    dir: &'a Path,
+    progress: &'a Arc<dyn Progress>,
+    budget: &'a ReadBudget,
+}
+
+impl WriteCtx<'_> {
+    async fn run(&self, job: Job<'_>) -> PodResult<()> {
+        match job {
+            Job::Symlink(e) => self.write_symlink(e).await,
+            Job::Large(e) => self.write_large(e).await,
+            Job::Batch {
+                state,
+                range,
+                entries,
+            } => {
+                let chunk = fetch(
+                    self.remote,
+                    self.pod,
+                    self.via,
+                    state,
+                    range.clone(),
+                    self.budget,
+                )
+                .await
+                .map_err(|e| match e {
+                    RemoteError::NotFound(what) => PodError::Corrupt {
+                        pod: self.pod.to_string(),
+                        version: self.via,
+                        reason: format!("a state object is missing ({what})"),
+                    },
+                    e => e.into(),
+                })?;
+                for e in entries {
+                    let Some(d) = e.data else { continue };
+                    let part = chunk.part(d.offset - range.start, d.csize);
+                    let mut bytes = Vec::with_capacity(usize::try_from(e.size).unwrap_or(0));
+                    let one = futures::stream::once(std::future::ready(Ok(part)));
+                    decode_into(self.pod, self.via, e, one, &mut bytes).await?;
+                    self.progress.advance(bytes.len() as u64);
+                    let (dest, mode, mtime) = self.target(e);
+                    blocking(move || write_small(&dest, &bytes, mode, mtime)).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn target(&self, e: &Entry) -> (PathBuf, u32, FileTime) {
+        (
+            self.dir.join(&e.path),
+            e.mode,
+            FileTime::from_unix_time(e.mtime, e.mtime_nsec),
+        )
+    }
+
+    async fn write_symlink(&self, e: &Entry) -> PodResult<()> {
+        let (dest, _, mtime) = self.target(e);
+        let target = e.target.clone().unwrap_or_default();
+        blocking(move || {
+            let tmp = temp_name(dest.parent().unwrap_or(Path::new(".")));
+            std::os::unix::fs::symlink(&target, &tmp).map_err(PodError::io(&tmp))?;
+            let done = filetime::set_symlink_file_times(&tmp, mtime, mtime)
+                .map_err(PodError::io(&tmp))
+                .and_then(|()| replace(&tmp, &dest));
+            if done.is_err() {
+                let _ = std::fs::remove_file(&tmp);
+            }
+            done
+        })
+        .await
+    }
+
+    /// Streams a large file into a temporary file beside it, then renames it into place.
+    async fn write_large(&self, e: &Entry) -> PodResult<()> {
+        let (dest, mode, mtime) = self.target(e);
+        let parent = dest.parent().unwrap_or(self.dir).to_owned();
+        let tmp = blocking(move || temp_file(&parent)).await?;
+        let (std_file, tmp_path) = tmp.into_parts();
+        let mut file = tokio::fs::File::from_std(std_file);
+        let mut counting = ProgressWriter {
+            inner: &mut file,
+            progress: &**self.progress,
+        };
+        copy_file(
+            self.remote,
+            self.pod,
+            self.via,
+            e,
+            &mut counting,
+            self.budget,
+        )
+        .await?;
+        tokio::io::AsyncWriteExt::flush(&mut file)
+            .await
+            .map_err(PodError::io(&dest))?;
+        let std_file = file.into_std().await;
+        blocking(move || finish_file(std_file, tmp_path, &dest, mode, mtime)).await
+    }
+}
+
+fn temp_file(dir: &Path) -> PodResult<tempfile::NamedTempFile> {
+    tempfile::Builder::new()
+        .prefix(".podfs-load-")
+        .tempfile_in(dir)
+        .map_err(PodError::io(dir))
+}
+
+/// Writes a small file's verified bytes beside `dest`, then renames it into place.
+fn write_small(dest: &Path, bytes: &[u8], mode: u32, mtime: FileTime) -> PodResult<()> {
+    let parent = dest.parent().unwrap_or(Path::new("."));
+    let tmp = temp_file(parent)?;
+    let (mut file, tmp_path) = tmp.into_parts();
+    std::io::Write::write_all(&mut file, bytes).map_err(PodError::io(dest))?;
+    finish_file(file, tmp_path, dest, mode, mtime)
+}
+
+/// Sets mode and mtime on a written temporary file and renames it over `dest`.
+fn finish_file(
+    file: std::fs::File,
+    tmp_path: tempfile::TempPath,
+    dest: &Path,
+    mode: u32,
+    mtime: FileTime,
+) -> PodResult<()> {
+    use std::os::unix::fs::PermissionsExt;
+    file.set_permissions(std::fs::Permissions::from_mode(mode))
+        .map_err(PodError::io(dest))?;
+    filetime::set_file_handle_times(&file, Some(mtime), Some(mtime)).map_err(PodError::io(dest))?;
+    drop(file);
+    replace(&tmp_path, dest)?;
+    // The rename consumed the temporary name: disarm its guard.
+    let _ = tmp_path.keep();
+    Ok(())
 }
 
 /// A unique temporary name in `dir` (for symlinks, which tempfile cannot create).

@@ -7,8 +7,12 @@
 use std::io::Write;
 use std::sync::Arc;
 
-use futures::{StreamExt, TryStreamExt};
+use std::ops::Range;
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt, TryStreamExt};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::sync::OwnedSemaphorePermit;
 
 use super::manifest::{DataRef, Entry, Method, VersionInfo, VersionObject, decode_info};
 use super::{PodError, PodName, PodResult};
@@ -112,8 +116,54 @@ pub async fn read_info(
     decode_info(pod, version, bytes)
 }
 
-/// Streams the bytes of file `entry` of version `via` into `out`, checking size and CRC-32.
-/// Returns the number of bytes written.
+/// A piece of a file's stored bytes, holding its share of the [`ReadBudget`] until written.
+pub struct Chunk {
+    pub bytes: Bytes,
+    /// Bytes asked for (a shorter `bytes` means the state object is truncated).
+    pub want: u64,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Chunk {
+    /// `len` bytes from `start` of this chunk, for one file of a coalesced read (fewer if the
+    /// chunk came back short). The budget stays with this chunk.
+    pub fn part(&self, start: u64, len: u64) -> Chunk {
+        let have = self.bytes.len() as u64;
+        let (a, b) = (start.min(have), start.saturating_add(len).min(have));
+        Chunk {
+            bytes: self.bytes.slice(a as usize..b as usize),
+            want: len,
+            _permit: None,
+        }
+    }
+}
+
+/// Reads bytes `range` of state object `state` (via version `via`) as one request, holding
+/// budget for them until the returned chunk is dropped.
+pub async fn fetch(
+    remote: &Arc<dyn Remote>,
+    pod: &PodName,
+    via: u64,
+    state: u64,
+    range: Range<u64>,
+    budget: &ReadBudget,
+) -> Result<Chunk, RemoteError> {
+    let want = range.end - range.start;
+    let units = u32::try_from(want.div_ceil(BUDGET_UNIT)).unwrap_or(u32::MAX);
+    let permit = Arc::clone(&budget.0)
+        .acquire_many_owned(units)
+        .await
+        .map_err(|_| RemoteError::io("read budget")(std::io::Error::other("closed")))?;
+    let bytes = remote.read_state(pod, via, state, range).await?;
+    Ok(Chunk {
+        bytes,
+        want,
+        _permit: Some(permit),
+    })
+}
+
+/// Streams the bytes of file `entry` of version `via` into `out`, checking size and CRC-32:
+/// range reads of at most [`CHUNK`] bytes, a few in flight. Returns the bytes written.
 pub async fn copy_file<W: AsyncWrite + Unpin + Send>(
     remote: &Arc<dyn Remote>,
     pod: &PodName,
@@ -122,64 +172,74 @@ pub async fn copy_file<W: AsyncWrite + Unpin + Send>(
     out: &mut W,
     budget: &ReadBudget,
 ) -> PodResult<u64> {
-    let corrupt = |reason: String| PodError::Corrupt {
-        pod: pod.to_string(),
-        version: via,
-        reason: format!("{:?}: {reason}", entry.path),
-    };
-    let Some(data) = entry.data else {
-        return Err(corrupt("a file without data".into()));
-    };
-    let DataRef {
+    let Some(DataRef {
         state,
         offset,
         csize,
-        method,
-        crc32,
-    } = data;
+        ..
+    }) = entry.data
+    else {
+        return Err(corrupt(pod, via, entry, "a file without data".into()));
+    };
     let ranges = (0..csize.div_ceil(CHUNK)).map(move |i| {
         let start = offset + i * CHUNK;
         start..(start + CHUNK).min(offset + csize)
     });
-    let mut chunks = futures::stream::iter(ranges)
-        .map(|r| {
-            let remote = Arc::clone(remote);
-            let budget = Arc::clone(&budget.0);
-            let want = r.end - r.start;
-            async move {
-                let units = u32::try_from(want.div_ceil(BUDGET_UNIT)).unwrap_or(u32::MAX);
-                // Held until the chunk is written; chunks of one file queue in order, so the
-                // chunk being written always holds its permits (no deadlock).
-                let permit = budget
-                    .acquire_many_owned(units)
-                    .await
-                    .map_err(|_| RemoteError::io("read budget")(std::io::Error::other("closed")))?;
-                let bytes = remote.read_state(pod, via, state, r).await?;
-                Ok::<_, RemoteError>((want, bytes, permit))
-            }
-        })
+    // Chunks of one file queue for budget in order, so the chunk being written always holds
+    // its permits (no deadlock between files).
+    let chunks = futures::stream::iter(ranges)
+        .map(|r| fetch(remote, pod, via, state, r, budget))
         .buffered(CHUNKS_IN_FLIGHT);
+    decode_into(pod, via, entry, chunks, out).await
+}
 
+fn corrupt(pod: &PodName, via: u64, entry: &Entry, reason: String) -> PodError {
+    PodError::Corrupt {
+        pod: pod.to_string(),
+        version: via,
+        reason: format!("{:?}: {reason}", entry.path),
+    }
+}
+
+/// Decodes a file's stored bytes, arriving as `chunks` in order, into `out`: inflates them if
+/// needed and checks the manifest's size and CRC-32. Returns the bytes written.
+pub async fn decode_into<W: AsyncWrite + Unpin + Send>(
+    pod: &PodName,
+    via: u64,
+    entry: &Entry,
+    chunks: impl Stream<Item = Result<Chunk, RemoteError>>,
+    out: &mut W,
+) -> PodResult<u64> {
+    let corrupt = |reason: String| corrupt(pod, via, entry, reason);
+    let Some(data) = entry.data else {
+        return Err(corrupt("a file without data".into()));
+    };
+    let mut chunks = std::pin::pin!(chunks);
     let mut hasher = crc32fast::Hasher::new();
     let mut written = 0u64;
-    let mut inflate = (method == Method::Deflate)
+    let mut inflate = (data.method == Method::Deflate)
         .then(|| flate2::write::DeflateDecoder::new(Vec::with_capacity(64 << 10)));
     let io_err = |e: std::io::Error| corrupt(format!("cannot decompress: {e}"));
     let mut plain_buf = Vec::new();
-    while let Some((want, bytes, _permit)) = chunks.try_next().await.map_err(|e| match e {
+    while let Some(chunk) = chunks.try_next().await.map_err(|e| match e {
         RemoteError::NotFound(what) => corrupt(format!("its state object is missing ({what})")),
         e => e.into(),
     })? {
-        if bytes.len() as u64 != want {
+        let bytes = &chunk.bytes;
+        if bytes.len() as u64 != chunk.want {
             return Err(corrupt(format!(
-                "the state object is truncated (got {} of {want} bytes)",
-                bytes.len()
+                "the state object is truncated (got {} of {} bytes)",
+                bytes.len(),
+                chunk.want
             )));
         }
         let Some(dec) = inflate.as_mut() else {
             written += bytes.len() as u64;
-            hasher.update(&bytes);
-            out.write_all(&bytes)
+            if written > entry.size {
+                return Err(corrupt("more data than its size".into()));
+            }
+            hasher.update(bytes);
+            out.write_all(bytes)
                 .await
                 .map_err(|e| PodError::io(&entry.path)(e))?;
             continue;
@@ -215,7 +275,7 @@ pub async fn copy_file<W: AsyncWrite + Unpin + Send>(
             entry.size
         )));
     }
-    if hasher.finalize() != crc32 {
+    if hasher.finalize() != data.crc32 {
         return Err(corrupt("CRC-32 mismatch: the data is damaged".into()));
     }
     Ok(written)
