@@ -166,6 +166,13 @@ pub fn parse_object_name(name: &str) -> Option<(PodName, ObjectKind, u64)> {
     Some((PodName::new(pod).ok()?, kind, n))
 }
 
+fn unreachable_backend(name: &str) -> RemoteResult<Arc<dyn Remote>> {
+    Err(RemoteError::Other {
+        remote: name.to_owned(),
+        detail: "backend not available".into(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -194,11 +201,4 @@ mod tests {
             assert_eq!(parse_object_name(bad), None, "{bad}");
         }
     }
-}
-
-fn unreachable_backend(name: &str) -> RemoteResult<Arc<dyn Remote>> {
-    Err(RemoteError::Other {
-        remote: name.to_owned(),
-        detail: "backend not available".into(),
-    })
 }

@@ -85,9 +85,20 @@ impl Podfs {
 /// What a tree holds, for exact comparison: kind, mode, mtime (ns), and content or target.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Node {
-    File { mode: u32, mtime_ns: i128, size: u64, crc: u32 },
-    Dir { mode: u32, mtime_ns: i128 },
-    Symlink { target: String, mtime_ns: i128 },
+    File {
+        mode: u32,
+        mtime_ns: i128,
+        size: u64,
+        crc: u32,
+    },
+    Dir {
+        mode: u32,
+        mtime_ns: i128,
+    },
+    Symlink {
+        target: String,
+        mtime_ns: i128,
+    },
 }
 
 /// Every path under `root` (not `root` itself), without following symlinks.
@@ -105,17 +116,28 @@ fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Node>) {
         let mtime_ns = md.mtime() as i128 * 1_000_000_000 + md.mtime_nsec() as i128;
         let node = if md.file_type().is_symlink() {
             Node::Symlink {
-                target: std::fs::read_link(&p).unwrap().to_string_lossy().into_owned(),
+                target: std::fs::read_link(&p)
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned(),
                 mtime_ns,
             }
         } else if md.is_dir() {
             walk(root, &p, out);
-            Node::Dir { mode: md.mode() & 0o7777, mtime_ns }
+            Node::Dir {
+                mode: md.mode() & 0o7777,
+                mtime_ns,
+            }
         } else {
             let mut h = crc32fast::Hasher::new();
             let mut f = std::fs::File::open(&p).unwrap();
             std::io::copy(&mut f, &mut HashWriter(&mut h)).unwrap();
-            Node::File { mode: md.mode() & 0o7777, mtime_ns, size: md.len(), crc: h.finalize() }
+            Node::File {
+                mode: md.mode() & 0o7777,
+                mtime_ns,
+                size: md.len(),
+                crc: h.finalize(),
+            }
         };
         out.insert(rel, node);
     }
@@ -137,10 +159,20 @@ pub fn assert_same_tree(expected: &Path, actual: &Path) {
     let a = snapshot(expected);
     let b = snapshot(actual);
     for (path, node) in &a {
-        assert_eq!(Some(node), b.get(path), "{path} differs ({} vs {})", expected.display(), actual.display());
+        assert_eq!(
+            Some(node),
+            b.get(path),
+            "{path} differs ({} vs {})",
+            expected.display(),
+            actual.display()
+        );
     }
     for path in b.keys() {
-        assert!(a.contains_key(path), "{path} should not be in {}", actual.display());
+        assert!(
+            a.contains_key(path),
+            "{path} should not be in {}",
+            actual.display()
+        );
     }
 }
 
