@@ -120,10 +120,7 @@ pub async fn open(
             s3::S3Remote::new(name, s3).await?;
             unreachable_backend(name)
         }
-        RemoteUrl::Oras(o) => {
-            oras::OrasRemote::new(name, o)?;
-            unreachable_backend(name)
-        }
+        RemoteUrl::Oras(o) => Ok(Arc::new(oras::OrasRemote::new(name, o)?)),
     }
 }
 
