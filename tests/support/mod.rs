@@ -3,6 +3,8 @@
 //! started by the modules beside this one and stopped when dropped.
 #![allow(dead_code)]
 
+pub mod registry;
+
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
