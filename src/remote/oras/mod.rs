@@ -62,6 +62,12 @@ const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, \
     application/vnd.docker.distribution.manifest.list.v2+json";
 /// Page size asked of `/v2/_catalog` and tag lists.
 const PAGE: usize = 1000;
+/// Reads up to this size go through the block cache.
+const SMALL_READ: u64 = 256 << 10;
+/// Block size of the block cache.
+const BLOCK: u64 = 4 << 20;
+/// Blocks kept (at most `BLOCKS * BLOCK` bytes of memory).
+const BLOCKS: usize = 16;
 /// Times a blob upload is restarted from a new session when the registry rejects it midway.
 const UPLOAD_SESSIONS: u32 = 3;
 
@@ -73,6 +79,35 @@ pub struct OrasRemote {
     manifests: Mutex<HashMap<(PodName, u64), Arc<OciImageManifest>>>,
     /// State blobs pushed by `put_state`, waiting for `commit_version`.
     pending: Mutex<HashMap<(PodName, u64), OciDescriptor>>,
+    /// Recently read blocks of state blobs, for small reads.
+    blocks: Mutex<BlockCache>,
+}
+
+/// A small LRU-by-insertion map of blob blocks. Each slot is a `OnceCell`, so concurrent readers
+/// of one block share a single request; the map lock is never held across `.await`.
+#[derive(Default)]
+struct BlockCache {
+    cells: HashMap<(String, u64), Arc<tokio::sync::OnceCell<Bytes>>>,
+    order: std::collections::VecDeque<(String, u64)>,
+}
+
+impl BlockCache {
+    /// The slot for `(digest, idx)`, created (evicting the oldest) if absent.
+    fn entry(&mut self, digest: String, idx: u64) -> Arc<tokio::sync::OnceCell<Bytes>> {
+        let key = (digest, idx);
+        if let Some(c) = self.cells.get(&key) {
+            return Arc::clone(c);
+        }
+        while self.order.len() >= BLOCKS {
+            if let Some(old) = self.order.pop_front() {
+                self.cells.remove(&old);
+            }
+        }
+        let cell = Arc::new(tokio::sync::OnceCell::new());
+        self.cells.insert(key.clone(), Arc::clone(&cell));
+        self.order.push_back(key);
+        cell
+    }
 }
 
 impl std::fmt::Debug for OrasRemote {
@@ -116,6 +151,7 @@ impl OrasRemote {
             registry: Registry::new(name, url, config)?,
             manifests: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
+            blocks: Mutex::new(BlockCache::default()),
         })
     }
 
@@ -300,7 +336,7 @@ impl OrasRemote {
             let source = source.clone();
             let resp = self
                 .registry
-                .send(&what, &scope, &|c| {
+                .send_upload(&what, &scope, size, &|c| {
                     let req = c
                         .put(&put_url)
                         .header(CONTENT_TYPE, "application/octet-stream")
@@ -387,6 +423,90 @@ impl OrasRemote {
             }
         }
         Ok(out)
+    }
+
+    /// Bytes `range` of blob `layer` with one `Range` request (streaming past the start when
+    /// the registry ignores `Range`).
+    async fn fetch_range(
+        &self,
+        repo: &str,
+        layer: &OciDescriptor,
+        title: &str,
+        range: Range<u64>,
+    ) -> RemoteResult<Bytes> {
+        let len = range.end - range.start;
+        let what = format!(
+            "reading bytes {}..{} of {title} ({})",
+            range.start, range.end, layer.digest
+        );
+        let url = self
+            .registry
+            .url(&format!("/v2/{repo}/blobs/{}", layer.digest));
+        let header = format!("bytes={}-{}", range.start, range.end - 1);
+        let resp = self
+            .registry
+            .send(&what, &pull_scope(repo), &|c| {
+                ready(c.get(&url).header(RANGE, &header))
+            })
+            .await?;
+        let status = resp.status();
+        if status == StatusCode::NOT_FOUND {
+            return Err(self.not_found(format!("{title} ({})", layer.digest)));
+        }
+        let wanted = usize::try_from(len)
+            .map_err(|_| self.registry.other(format!("{what}: range too large")))?;
+        // 206: the range. 200: the registry ignored Range; skip to it in the stream.
+        let mut skip = match status {
+            StatusCode::PARTIAL_CONTENT => 0,
+            StatusCode::OK => range.start,
+            s => {
+                let body = resp.text().await.unwrap_or_default();
+                return Err(self.unexpected(&what, s, &body));
+            }
+        };
+        let mut out = BytesMut::with_capacity(wanted);
+        let mut stream = resp.bytes_stream();
+        while out.len() < wanted {
+            let Some(chunk) = stream.next().await else {
+                break;
+            };
+            let mut chunk =
+                chunk.map_err(|e| self.registry.other(format!("{what}: {}", error_chain(&e))))?;
+            if skip > 0 {
+                let n = skip.min(chunk.len() as u64);
+                let _ = chunk.split_to(n as usize);
+                skip -= n;
+            }
+            let take = chunk.len().min(wanted - out.len());
+            out.extend_from_slice(&chunk[..take]);
+        }
+        if out.len() < wanted {
+            return Err(self.registry.other(format!(
+                "{what}: the registry returned only {} of {wanted} bytes",
+                out.len()
+            )));
+        }
+        Ok(out.freeze())
+    }
+
+    /// Block `idx` of blob `layer` (`BLOCK` bytes, the last one shorter), fetched once even when
+    /// several reads want it at the same time.
+    async fn block(
+        &self,
+        repo: &str,
+        layer: &OciDescriptor,
+        title: &str,
+        idx: u64,
+        size: u64,
+    ) -> RemoteResult<Bytes> {
+        let cell = lock(&self.blocks).entry(layer.digest.clone(), idx);
+        let bytes = cell
+            .get_or_try_init(|| {
+                let start = idx * BLOCK;
+                self.fetch_range(repo, layer, title, start..(start + BLOCK).min(size))
+            })
+            .await?;
+        Ok(bytes.clone())
     }
 
     /// Builds version `version`'s manifest from the version blob and the states it refers to.
@@ -695,67 +815,29 @@ impl Remote for OrasRemote {
                     "state object {state} of pod {pod:?} (no layer {title} in version {via})"
                 ))
             })?;
-        let len = range.end.saturating_sub(range.start);
         let size = u64::try_from(layer.size).unwrap_or(0);
-        if range.end > size {
+        if range.end > size || range.start > range.end {
             return Err(self.registry.other(format!(
                 "bytes {}..{} are past the end of {title} ({size} bytes)",
                 range.start, range.end
             )));
         }
-        if len == 0 {
+        if range.is_empty() {
             return Ok(Bytes::new());
         }
-        let what = format!(
-            "reading bytes {}..{} of {title} ({})",
-            range.start, range.end, layer.digest
-        );
-        let url = self
-            .registry
-            .url(&format!("/v2/{repo}/blobs/{}", layer.digest));
-        let header = format!("bytes={}-{}", range.start, range.end - 1);
-        let resp = self
-            .registry
-            .send(&what, &pull_scope(&repo), &|c| {
-                ready(c.get(&url).header(RANGE, &header))
-            })
-            .await?;
-        let status = resp.status();
-        if status == StatusCode::NOT_FOUND {
-            return Err(self.not_found(format!("state object {state} of pod {pod:?}")));
+        if range.end - range.start > SMALL_READ {
+            return self.fetch_range(&repo, layer, &title, range).await;
         }
-        let wanted = usize::try_from(len)
-            .map_err(|_| self.registry.other(format!("{what}: range too large")))?;
-        // 206: the range. 200: the registry ignored Range; skip to it in the stream.
-        let mut skip = match status {
-            StatusCode::PARTIAL_CONTENT => 0,
-            StatusCode::OK => range.start,
-            s => {
-                let body = resp.text().await.unwrap_or_default();
-                return Err(self.unexpected(&what, s, &body));
-            }
-        };
-        let mut out = BytesMut::with_capacity(wanted);
-        let mut stream = resp.bytes_stream();
-        while out.len() < wanted {
-            let Some(chunk) = stream.next().await else {
-                break;
-            };
-            let mut chunk =
-                chunk.map_err(|e| self.registry.other(format!("{what}: {}", error_chain(&e))))?;
-            if skip > 0 {
-                let n = skip.min(chunk.len() as u64);
-                let _ = chunk.split_to(n as usize);
-                skip -= n;
-            }
-            let take = chunk.len().min(wanted - out.len());
-            out.extend_from_slice(&chunk[..take]);
-        }
-        if out.len() < wanted {
-            return Err(self.registry.other(format!(
-                "{what}: the registry returned only {} of {wanted} bytes",
-                out.len()
-            )));
+        // Small reads (a load reads small files one by one, in blob order) are served from
+        // aligned blocks: one request per block instead of one per file.
+        let (first, last) = (range.start / BLOCK, (range.end - 1) / BLOCK);
+        let mut out = BytesMut::with_capacity((range.end - range.start) as usize);
+        for idx in first..=last {
+            let block = self.block(&repo, layer, &title, idx, size).await?;
+            let block_start = idx * BLOCK;
+            let from = range.start.max(block_start) - block_start;
+            let to = range.end.min(block_start + block.len() as u64) - block_start;
+            out.extend_from_slice(&block[from as usize..to as usize]);
         }
         Ok(out.freeze())
     }
@@ -988,6 +1070,18 @@ mod tests {
         assert!(err.contains("over the 4 MiB limit"), "{err}");
         let layers: Vec<_> = (1..=100).map(layer).collect();
         assert!(encode_manifest(&build_manifest(layers)).is_ok());
+    }
+
+    #[test]
+    fn block_cache_shares_slots_and_evicts_the_oldest() {
+        let mut c = BlockCache::default();
+        let a = c.entry("sha256:a".into(), 0);
+        assert!(Arc::ptr_eq(&a, &c.entry("sha256:a".into(), 0)));
+        for i in 1..=BLOCKS as u64 {
+            c.entry("sha256:b".into(), i);
+        }
+        assert_eq!(c.cells.len(), BLOCKS);
+        assert!(!Arc::ptr_eq(&a, &c.entry("sha256:a".into(), 0)));
     }
 
     #[test]

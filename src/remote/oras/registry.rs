@@ -35,8 +35,12 @@ pub struct RegistryConfig {
     /// Cap on one wait.
     pub max_backoff: Duration,
     pub connect_timeout: Duration,
-    /// Longest silence while reading a response.
-    pub read_timeout: Duration,
+    /// Limit on one request that does not upload a blob, response body included.
+    pub request_timeout: Duration,
+    /// A blob upload may take `upload_timeout_base` plus one second per `upload_min_rate` bytes.
+    pub upload_timeout_base: Duration,
+    /// Bytes per second an upload must at least reach, for its time limit.
+    pub upload_min_rate: u64,
 }
 
 impl Default for RegistryConfig {
@@ -46,7 +50,9 @@ impl Default for RegistryConfig {
             backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(10),
-            read_timeout: Duration::from_secs(120),
+            request_timeout: Duration::from_secs(300),
+            upload_timeout_base: Duration::from_secs(300),
+            upload_min_rate: 1 << 20,
         }
     }
 }
@@ -86,7 +92,9 @@ impl Registry {
         let scheme = if url.plain_http { "http" } else { "https" };
         let http = reqwest::Client::builder()
             .connect_timeout(config.connect_timeout)
-            .read_timeout(config.read_timeout)
+            // Not `read_timeout`: in reqwest it runs from the start of the request to the
+            // response headers, so it would cut long uploads. Limits are set per request.
+            .tcp_keepalive(Duration::from_secs(30))
             .user_agent(concat!("podfs/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| RemoteError::Other {
@@ -147,6 +155,30 @@ impl Registry {
         scope: &str,
         build: &BuildRequest<'_>,
     ) -> RemoteResult<Response> {
+        self.send_with_timeout(what, scope, build, self.config.request_timeout)
+            .await
+    }
+
+    /// [`Registry::send`] for an upload of `size` bytes, with a time limit that grows with it.
+    pub async fn send_upload(
+        &self,
+        what: &str,
+        scope: &str,
+        size: u64,
+        build: &BuildRequest<'_>,
+    ) -> RemoteResult<Response> {
+        let limit = self.config.upload_timeout_base
+            + Duration::from_secs(size / self.config.upload_min_rate.max(1));
+        self.send_with_timeout(what, scope, build, limit).await
+    }
+
+    async fn send_with_timeout(
+        &self,
+        what: &str,
+        scope: &str,
+        build: &BuildRequest<'_>,
+        timeout: Duration,
+    ) -> RemoteResult<Response> {
         let mut delay = self.config.backoff;
         let mut auth_retried = false;
         let mut attempt = 0;
@@ -154,7 +186,7 @@ impl Registry {
             attempt += 1;
             let last = attempt >= self.config.attempts.max(1);
             let mut req = build(&self.http).await?;
-            req = self.authorize(req, scope);
+            req = self.authorize(req, scope).timeout(timeout);
             let failure = match req.send().await {
                 Ok(resp) => match resp.status() {
                     StatusCode::UNAUTHORIZED => {
@@ -270,7 +302,11 @@ impl Registry {
         }
         let mut delay = self.config.backoff;
         for attempt in 1..=self.config.attempts.max(1) {
-            let mut req = self.http.get(realm).query(&query);
+            let mut req = self
+                .http
+                .get(realm)
+                .query(&query)
+                .timeout(self.config.request_timeout);
             if let Some(user) = &self.username {
                 req = req.basic_auth(user, self.password.as_ref().map(|p| p.expose()));
             }
