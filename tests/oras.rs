@@ -128,6 +128,27 @@ fn save_change_save_load_with_basic_auth() {
 }
 
 #[test]
+fn save_change_save_load_with_bearer_tokens() {
+    let reg = Registry::with_token_auth(USER, PASSWORD);
+    save_change_save_load(&reg, "token");
+
+    // Deleting needs a token with the delete action; a wrong password is refused by the
+    // token service.
+    let p = podfs_for(&reg, "myns");
+    let pod = pod_name("token");
+    p.ok(&["delete", &format!("{pod}:1"), "oras-remote"]);
+    assert_eq!(versions(&p, &pod), vec![2, 3]);
+    let bad = Podfs::new()
+        .env("ORAS_USERNAME", USER)
+        .env("ORAS_PASSWORD", "wrong");
+    bad.ok(&["remote", "add", "oras-remote", &reg.url("myns")]);
+    bad.fails(
+        &["versions", &pod, "oras-remote"],
+        "wrong user or password for remote \"oras-remote\"",
+    );
+}
+
+#[test]
 fn oras_py_and_skopeo_read_what_podfs_pushed() {
     let reg = Registry::anonymous();
     let p = podfs_for(&reg, "interop");

@@ -1,6 +1,7 @@
 //! A real OCI registry for the tests: Debian's `docker-registry` (CNCF distribution 2.8) on a free
 //! loopback port, with filesystem storage in a temporary directory, deletes enabled, and
-//! optionally htpasswd Basic auth. Killed on drop.
+//! optionally htpasswd Basic auth or bearer-token auth (the registry verifies JWTs issued by
+//! `token_server.py`, a small implementation of the Docker token service). Killed on drop.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -10,28 +11,65 @@ use super::{free_port, require, wait_for_port};
 pub struct Registry {
     pub port: u16,
     pub dir: tempfile::TempDir,
-    /// `Some((user, password))` when htpasswd auth is on.
+    /// `Some((user, password))` when auth is on.
     pub auth: Option<(String, String)>,
     child: Option<Child>,
+    token_server: Option<Child>,
+}
+
+/// How the registry checks clients.
+enum Auth {
+    None,
+    Htpasswd,
+    Token,
 }
 
 impl Registry {
     /// A registry anyone may read and write.
     pub fn anonymous() -> Self {
-        Self::start(None)
+        Self::start(Auth::None, None)
     }
 
     /// A registry that needs `user`/`password` (htpasswd, bcrypt).
     pub fn with_auth(user: &str, password: &str) -> Self {
-        Self::start(Some((user.to_owned(), password.to_owned())))
+        Self::start(Auth::Htpasswd, Some((user.to_owned(), password.to_owned())))
     }
 
-    fn start(auth: Option<(String, String)>) -> Self {
+    /// A registry that needs bearer tokens from a token service that knows `user`/`password`.
+    pub fn with_token_auth(user: &str, password: &str) -> Self {
+        Self::start(Auth::Token, Some((user.to_owned(), password.to_owned())))
+    }
+
+    fn start(mode: Auth, auth: Option<(String, String)>) -> Self {
         require("docker-registry");
         let dir = tempfile::tempdir().expect("temp dir");
         let port = free_port();
         let mut auth_yaml = String::new();
-        if let Some((user, password)) = &auth {
+        let mut token_server = None;
+        if let (Auth::Token, Some((user, password))) = (&mode, &auth) {
+            require("python3");
+            let token_port = free_port();
+            let cert = dir.path().join("token-cert.pem");
+            let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/token_server.py");
+            let child = Command::new("python3")
+                .arg(script)
+                .arg(token_port.to_string())
+                .arg(&cert)
+                .args([user, password, "podfs-test-issuer", "podfs-test-registry"])
+                .stdin(Stdio::null())
+                .spawn()
+                .expect("start token_server.py");
+            token_server = Some(child);
+            assert!(
+                wait_for_port(&format!("127.0.0.1:{token_port}"), 30) && cert.is_file(),
+                "token_server.py did not start"
+            );
+            auth_yaml = format!(
+                "auth:\n  token:\n    realm: http://127.0.0.1:{token_port}/token\n    service: podfs-test-registry\n    issuer: podfs-test-issuer\n    rootcertbundle: {}\n",
+                cert.display()
+            );
+        }
+        if let (Auth::Htpasswd, Some((user, password))) = (&mode, &auth) {
             require("htpasswd");
             let out = Command::new("htpasswd")
                 .args(["-Bbn", user, password])
@@ -61,6 +99,7 @@ impl Registry {
             dir,
             auth,
             child: None,
+            token_server,
         };
         r.resume();
         r
@@ -125,6 +164,10 @@ impl Registry {
 impl Drop for Registry {
     fn drop(&mut self) {
         self.stop();
+        if let Some(mut c) = self.token_server.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 

@@ -954,7 +954,7 @@ impl Remote for OrasRemote {
 
     async fn delete_version(&self, pod: &PodName, version: u64) -> RemoteResult<()> {
         let repo = self.repo(pod)?;
-        let scope = format!("repository:{repo}:delete");
+        let scope = format!("repository:{repo}:pull,delete");
         lock(&self.manifests).remove(&(pod.clone(), version));
         // distribution cannot delete by tag: resolve the digest, delete the manifest.
         let Some(digest) = self.tag_digest(&repo, version, &scope).await? else {

@@ -271,13 +271,13 @@ impl Registry {
                 service,
                 scope: wanted,
             } => {
+                // Ask for what this request needs and what the registry named, in one token.
+                let mut scopes = vec![scope];
+                if let Some(w) = wanted.as_deref().filter(|w| *w != scope) {
+                    scopes.push(w);
+                }
                 let token = self
-                    .fetch_token(
-                        what,
-                        &realm,
-                        service.as_deref(),
-                        wanted.as_deref().unwrap_or(scope),
-                    )
+                    .fetch_token(what, &realm, service.as_deref(), &scopes)
                     .await?;
                 self.tokens
                     .lock()
@@ -294,9 +294,9 @@ impl Registry {
         what: &str,
         realm: &str,
         service: Option<&str>,
-        scope: &str,
+        scopes: &[&str],
     ) -> RemoteResult<Secret> {
-        let mut query = vec![("scope", scope)];
+        let mut query: Vec<(&str, &str)> = scopes.iter().map(|s| ("scope", *s)).collect();
         if let Some(s) = service {
             query.push(("service", s));
         }
