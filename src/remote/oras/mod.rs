@@ -1085,6 +1085,24 @@ mod tests {
     }
 
     #[test]
+    fn debug_output_hides_the_password() {
+        let url = OrasUrl {
+            registry: "127.0.0.1:5000".into(),
+            namespace: "ns".into(),
+            username: Some("me".into()),
+            password: Some(crate::config::Secret::new("hunter2")),
+            plain_http: true,
+        };
+        let remote = OrasRemote::new("r", &url).unwrap();
+        let dbg = format!("{remote:?}");
+        assert!(
+            dbg.contains("me") && dbg.contains("http://127.0.0.1:5000"),
+            "{dbg}"
+        );
+        assert!(!dbg.contains("hunter2"), "{dbg}");
+    }
+
+    #[test]
     fn repository_components() {
         for ok in ["p", "my-pod", "a--b", "a_b", "a__b", "pod1", "0"] {
             assert!(is_repo_component(ok), "{ok}");

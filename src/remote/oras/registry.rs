@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use reqwest::header::{AUTHORIZATION, HeaderMap, WWW_AUTHENTICATE};
+use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue, WWW_AUTHENTICATE};
 use reqwest::{RequestBuilder, Response, StatusCode};
 
 use crate::config::{OrasUrl, Secret};
@@ -71,6 +71,8 @@ pub struct Registry {
     password: Option<Secret>,
     /// The registry answered `WWW-Authenticate: Basic`: send the user and password every time.
     basic: AtomicBool,
+    /// `Authorization: Basic ...` for our user and password, if we have them.
+    basic_header: Option<HeaderValue>,
     /// Bearer tokens by scope. Short critical sections only, never held across `.await`.
     tokens: Mutex<HashMap<String, Secret>>,
     config: RegistryConfig,
@@ -101,7 +103,18 @@ impl Registry {
                 remote: remote.to_owned(),
                 detail: format!("cannot create an HTTP client: {e}"),
             })?;
+        // reqwest encodes Basic credentials; borrow its encoding once.
+        let basic_header = match &url.username {
+            Some(user) => http
+                .get(format!("{scheme}://{}/", url.registry))
+                .basic_auth(user, url.password.as_ref().map(|p| p.expose()))
+                .build()
+                .ok()
+                .and_then(|r| r.headers().get(AUTHORIZATION).cloned()),
+            None => None,
+        };
         Ok(Self {
+            basic_header,
             remote: remote.to_owned(),
             base: format!("{scheme}://{}", url.registry),
             http,
@@ -185,9 +198,15 @@ impl Registry {
         loop {
             attempt += 1;
             let last = attempt >= self.config.attempts.max(1);
-            let mut req = build(&self.http).await?;
-            req = self.authorize(req, scope).timeout(timeout);
-            let failure = match req.send().await {
+            let (client, req) = build(&self.http).await?.build_split();
+            let mut req = req.map_err(|e| self.other(format!("{what}: {}", error_chain(&e))))?;
+            // Credentials go only to the registry itself, never to a host an upload Location or
+            // a redirect names.
+            if same_origin(req.url(), &self.base) {
+                self.authorize(req.headers_mut(), scope);
+            }
+            *req.timeout_mut() = Some(timeout);
+            let failure = match client.execute(req).await {
                 Ok(resp) => match resp.status() {
                     StatusCode::UNAUTHORIZED => {
                         if auth_retried {
@@ -230,22 +249,22 @@ impl Registry {
     }
 
     /// Adds the cached token for `scope`, or Basic credentials once the registry asked for them.
-    fn authorize(&self, req: RequestBuilder, scope: &str) -> RequestBuilder {
+    fn authorize(&self, headers: &mut HeaderMap, scope: &str) {
         let token = self
             .tokens
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(scope)
             .cloned();
-        if let Some(t) = token {
-            return req.header(AUTHORIZATION, format!("Bearer {}", t.expose()));
+        let value = match token {
+            Some(t) => HeaderValue::from_str(&format!("Bearer {}", t.expose())).ok(),
+            None if self.basic.load(Ordering::Relaxed) => self.basic_header.clone(),
+            None => None,
+        };
+        if let Some(mut v) = value {
+            v.set_sensitive(true);
+            headers.insert(AUTHORIZATION, v);
         }
-        if self.basic.load(Ordering::Relaxed)
-            && let Some(user) = &self.username
-        {
-            return req.basic_auth(user, self.password.as_ref().map(|p| p.expose()));
-        }
-        req
     }
 
     /// Reacts to a `401`: switch to Basic, or fetch a bearer token for `scope`.
@@ -423,6 +442,11 @@ fn parse_challenge(header: &str) -> Challenge {
     }
 }
 
+/// Whether `url` has the scheme, host and port of `base` (`http://host[:port]`).
+fn same_origin(url: &reqwest::Url, base: &str) -> bool {
+    reqwest::Url::parse(base).is_ok_and(|b| b.origin() == url.origin())
+}
+
 /// An error and its sources on one line (reqwest hides the cause, e.g. "connection refused").
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
@@ -484,6 +508,31 @@ mod tests {
         );
         assert_eq!(parse_challenge(""), Challenge::Unknown);
         assert_eq!(parse_challenge("Negotiate"), Challenge::Unknown);
+    }
+
+    #[test]
+    fn credentials_stay_with_the_registry() {
+        let u = |s: &str| reqwest::Url::parse(s).unwrap();
+        assert!(same_origin(
+            &u("http://127.0.0.1:5000/v2/x"),
+            "http://127.0.0.1:5000"
+        ));
+        assert!(same_origin(
+            &u("https://r.example/v2/"),
+            "https://r.example"
+        ));
+        assert!(!same_origin(
+            &u("https://s3.example/blob"),
+            "https://r.example"
+        ));
+        assert!(!same_origin(
+            &u("http://r.example/v2/"),
+            "https://r.example"
+        ));
+        assert!(!same_origin(
+            &u("http://127.0.0.1:5001/v2/"),
+            "http://127.0.0.1:5000"
+        ));
     }
 
     #[test]
