@@ -118,18 +118,8 @@ pub async fn open(
     match url {
         RemoteUrl::File(path) => Ok(Arc::new(file::FileRemote::new(name, path))),
         RemoteUrl::S3(s3) => Ok(Arc::new(s3::S3Remote::new(name, s3).await?)),
-        RemoteUrl::Oras(o) => {
-            oras::OrasRemote::new(name, o)?;
-            unreachable_backend(name)
-        }
+        RemoteUrl::Oras(o) => Ok(Arc::new(oras::OrasRemote::new(name, o)?)),
     }
-}
-
-fn unreachable_backend(name: &str) -> RemoteResult<Arc<dyn Remote>> {
-    Err(RemoteError::Other {
-        remote: name.to_owned(),
-        detail: "backend not available".into(),
-    })
 }
 
 /// Which of the two objects of a version.

@@ -1,0 +1,362 @@
+//! The `oras://` backend against a real registry (distribution 2.8 via Debian's
+//! `docker-registry`), the real podfs binary, and independent clients (oras-py, skopeo).
+
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+
+use support::registry::{Registry, python};
+use support::{Podfs, assert_same_tree, require};
+
+const USER: &str = "podfs-user";
+const PASSWORD: &str = "s3cret-Pass!";
+
+/// A pod name unique to this test run.
+fn pod_name(test: &str) -> String {
+    format!("{test}-{}", std::process::id())
+}
+
+/// A tree with directories, a symlink, small files and one stored (large) file.
+fn make_tree(root: &Path) {
+    std::fs::create_dir_all(root.join("dir/sub")).unwrap();
+    std::fs::write(root.join("top.txt"), "top level\n").unwrap();
+    std::fs::write(root.join("dir/a.txt"), "a".repeat(1000)).unwrap();
+    std::fs::write(root.join("dir/sub/b.bin"), [7u8; 300]).unwrap();
+    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(root.join("big.bin"), big).unwrap();
+    std::os::unix::fs::symlink("dir/a.txt", root.join("link")).unwrap();
+}
+
+/// Copies `from` to `to` preserving modes and mtimes.
+fn copy_tree(from: &Path, to: &Path) {
+    let st = Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+/// A podfs installation with remote `oras-remote` pointing at `reg`/`ns`, with the right
+/// credentials in the environment when the registry needs them.
+fn podfs_for(reg: &Registry, ns: &str) -> Podfs {
+    let mut p = Podfs::new();
+    if let Some((u, pw)) = &reg.auth {
+        p = p.env("ORAS_USERNAME", u).env("ORAS_PASSWORD", pw);
+    }
+    p.ok(&["remote", "add", "oras-remote", &reg.url(ns)]);
+    p
+}
+
+fn versions(p: &Podfs, pod: &str) -> Vec<u64> {
+    let out = p.ok(&["versions", pod, "oras-remote", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["version"].as_u64().unwrap())
+        .collect()
+}
+
+fn save(p: &Podfs, pod: &str, dir: &Path) {
+    p.ok(&["save", pod, "oras-remote", "--from", dir.to_str().unwrap()]);
+}
+
+fn load(p: &Podfs, pod_ref: &str, into: &Path) {
+    p.ok(&[
+        "load",
+        pod_ref,
+        "oras-remote",
+        "--into",
+        into.to_str().unwrap(),
+        "--strategy",
+        "overwrite",
+    ]);
+}
+
+/// Saves three versions (create, change, rename+delete) and loads each one back exactly.
+fn save_change_save_load(reg: &Registry, test: &str) {
+    let p = podfs_for(reg, "myns");
+    let pod = pod_name(test);
+    let work = tempfile::tempdir().unwrap();
+    let v1 = work.path().join("v1");
+    std::fs::create_dir(&v1).unwrap();
+    make_tree(&v1);
+    save(&p, &pod, &v1);
+
+    let v2 = work.path().join("v2");
+    copy_tree(&v1, &v2);
+    std::fs::write(v2.join("dir/a.txt"), "changed").unwrap();
+    std::fs::write(v2.join("new.txt"), "new file").unwrap();
+    save(&p, &pod, &v2);
+
+    let v3 = work.path().join("v3");
+    copy_tree(&v2, &v3);
+    std::fs::rename(v3.join("big.bin"), v3.join("dir/big-renamed.bin")).unwrap();
+    std::fs::remove_file(v3.join("top.txt")).unwrap();
+    save(&p, &pod, &v3);
+
+    assert_eq!(versions(&p, &pod), vec![1, 2, 3]);
+    for (n, expected) in [(1, &v1), (2, &v2), (3, &v3)] {
+        let out = work.path().join(format!("load{n}"));
+        std::fs::create_dir(&out).unwrap();
+        load(&p, &format!("{pod}:{n}"), &out);
+        assert_same_tree(expected, &out);
+    }
+    // A fresh installation (no in-memory state) loads the latest version too.
+    let fresh = podfs_for(reg, "myns");
+    let out = work.path().join("fresh");
+    std::fs::create_dir(&out).unwrap();
+    load(&fresh, &pod, &out);
+    assert_same_tree(&v3, &out);
+    let list = fresh.ok(&["list", "oras-remote"]);
+    assert!(list.contains(&pod), "{list}");
+}
+
+#[test]
+fn save_change_save_load_anonymous() {
+    let reg = Registry::anonymous();
+    save_change_save_load(&reg, "anon");
+}
+
+#[test]
+fn save_change_save_load_with_basic_auth() {
+    let reg = Registry::with_auth(USER, PASSWORD);
+    save_change_save_load(&reg, "auth");
+}
+
+#[test]
+fn save_change_save_load_with_bearer_tokens() {
+    let reg = Registry::with_token_auth(USER, PASSWORD);
+    save_change_save_load(&reg, "token");
+
+    // Deleting needs a token with the delete action; a wrong password is refused by the
+    // token service.
+    let p = podfs_for(&reg, "myns");
+    let pod = pod_name("token");
+    p.ok(&["delete", &format!("{pod}:1"), "oras-remote"]);
+    assert_eq!(versions(&p, &pod), vec![2, 3]);
+    let bad = Podfs::new()
+        .env("ORAS_USERNAME", USER)
+        .env("ORAS_PASSWORD", "wrong");
+    bad.ok(&["remote", "add", "oras-remote", &reg.url("myns")]);
+    bad.fails(
+        &["versions", &pod, "oras-remote"],
+        "wrong user or password for remote \"oras-remote\"",
+    );
+}
+
+#[test]
+fn oras_py_and_skopeo_read_what_podfs_pushed() {
+    let reg = Registry::anonymous();
+    let p = podfs_for(&reg, "interop");
+    let pod = pod_name("interop");
+    let work = tempfile::tempdir().unwrap();
+    let tree = work.path().join("tree");
+    std::fs::create_dir(&tree).unwrap();
+    make_tree(&tree);
+    save(&p, &pod, &tree);
+    std::fs::write(tree.join("top.txt"), "second").unwrap();
+    save(&p, &pod, &tree);
+
+    let out = work.path().join("pulled");
+    let target = format!("{}/interop/{pod}:2", reg.addr());
+    let script = format!(
+        r#"
+import oras.client, zipfile, os, sys
+c = oras.client.OrasClient(insecure=True)
+files = c.pull(target={target:?}, outdir={out:?})
+for f in sorted(files):
+    with zipfile.ZipFile(f) as z:
+        assert z.testzip() is None, f
+        print(os.path.basename(f), len(z.namelist()))
+"#,
+        out = out.to_str().unwrap()
+    );
+    let printed = python(&script, work.path());
+    for title in [
+        format!("localstack-pod-{pod}-version-2.zip"),
+        format!("localstack-pod-{pod}-state-1.zip"),
+        format!("localstack-pod-{pod}-state-2.zip"),
+    ] {
+        assert!(printed.contains(&title), "{title} not pulled: {printed}");
+        assert!(out.join(&title).is_file(), "{title} missing");
+    }
+
+    require("skopeo");
+    let raw = Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{}/interop/{pod}:1", reg.addr()))
+        .output()
+        .unwrap();
+    assert!(raw.status.success(), "skopeo: {raw:?}");
+    let m: serde_json::Value = serde_json::from_slice(&raw.stdout).unwrap();
+    assert_eq!(m["artifactType"], "application/vnd.podfs.pod.v1");
+    assert_eq!(
+        m["config"]["mediaType"],
+        "application/vnd.oci.empty.v1+json"
+    );
+    assert_eq!(
+        m["layers"][0]["mediaType"],
+        "application/vnd.podfs.version.v1+zip"
+    );
+    assert_eq!(
+        m["layers"][1]["annotations"]["org.opencontainers.image.title"],
+        format!("localstack-pod-{pod}-state-1.zip")
+    );
+}
+
+#[test]
+fn an_artifact_that_is_not_a_pod_is_refused_clearly() {
+    let reg = Registry::anonymous();
+    let work = tempfile::tempdir().unwrap();
+    std::fs::write(work.path().join("hello.txt"), "not a pod").unwrap();
+    let pod = pod_name("notapod");
+    let script = format!(
+        r#"
+import oras.client
+c = oras.client.OrasClient(insecure=True)
+c.push(target="{}/other/{pod}:1", files=["hello.txt"])
+"#,
+        reg.addr()
+    );
+    python(&script, work.path());
+    let p = podfs_for(&reg, "other");
+    let into = work.path().join("into");
+    std::fs::create_dir(&into).unwrap();
+    let err = p.fails(
+        &[
+            "load",
+            &pod,
+            "oras-remote",
+            "--into",
+            into.to_str().unwrap(),
+        ],
+        "is not a podfs pod",
+    );
+    assert!(err.contains("artifactType"), "{err}");
+    // And `list` skips it instead of failing.
+    let list = p.ok(&["list", "oras-remote"]);
+    assert!(!list.contains(&pod), "{list}");
+}
+
+#[test]
+fn wrong_password_is_a_clear_authentication_error() {
+    let reg = Registry::with_auth(USER, PASSWORD);
+    let work = tempfile::tempdir().unwrap();
+    make_tree(work.path());
+    let pod = pod_name("wrongpw");
+
+    let p = Podfs::new()
+        .env("ORAS_USERNAME", USER)
+        .env("ORAS_PASSWORD", "not-the-password");
+    p.ok(&["remote", "add", "oras-remote", &reg.url("myns")]);
+    let err = p.fails(
+        &[
+            "save",
+            &pod,
+            "oras-remote",
+            "--from",
+            work.path().to_str().unwrap(),
+        ],
+        "wrong user or password for remote \"oras-remote\"",
+    );
+    assert!(!err.contains("not-the-password"), "secret leaked: {err}");
+
+    // No credentials at all.
+    let anon = Podfs::new();
+    anon.ok(&[
+        "remote",
+        "add",
+        "oras-remote",
+        &format!("oras://{}/myns", reg.addr()),
+    ]);
+    anon.fails(&["list", "oras-remote"], "requires a user and password");
+}
+
+#[test]
+fn registry_down_fails_after_bounded_retries_and_commits_nothing() {
+    let mut reg = Registry::anonymous();
+    let p = podfs_for(&reg, "myns");
+    let pod = pod_name("down");
+    let work = tempfile::tempdir().unwrap();
+    make_tree(work.path());
+    save(&p, &pod, work.path());
+
+    reg.stop();
+    std::fs::write(work.path().join("top.txt"), "changed while down").unwrap();
+    let err = p.fails(
+        &[
+            "save",
+            &pod,
+            "oras-remote",
+            "--from",
+            work.path().to_str().unwrap(),
+        ],
+        "unavailable",
+    );
+    assert!(err.contains("giving up"), "{err}");
+
+    reg.resume();
+    assert_eq!(versions(&p, &pod), vec![1]);
+}
+
+#[test]
+fn deleting_a_version_keeps_versions_that_share_its_state_blob() {
+    let reg = Registry::anonymous();
+    let p = podfs_for(&reg, "myns");
+    let pod = pod_name("shared");
+    let work = tempfile::tempdir().unwrap();
+    let v1 = work.path().join("v1");
+    std::fs::create_dir(&v1).unwrap();
+    make_tree(&v1);
+    save(&p, &pod, &v1);
+    let v2 = work.path().join("v2");
+    copy_tree(&v1, &v2);
+    std::fs::write(v2.join("top.txt"), "only this changed").unwrap();
+    save(&p, &pod, &v2);
+
+    p.ok(&["delete", &format!("{pod}:1"), "oras-remote"]);
+    assert_eq!(versions(&p, &pod), vec![2]);
+    let out = work.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    load(&p, &format!("{pod}:2"), &out);
+    assert_same_tree(&v2, &out);
+
+    // Deleting the whole pod removes its last tag; it is no longer listed.
+    p.ok(&["delete", &pod, "oras-remote"]);
+    let list = p.ok(&["list", "oras-remote"]);
+    assert!(!list.contains(&pod), "{list}");
+}
+
+#[test]
+fn many_small_files_spanning_several_blocks_load_exactly() {
+    // ~12 MiB of incompressible small files: reads go through the 4 MiB block cache and some
+    // files straddle block boundaries.
+    let reg = Registry::anonymous();
+    let p = podfs_for(&reg, "myns");
+    let pod = pod_name("small");
+    let work = tempfile::tempdir().unwrap();
+    let tree = work.path().join("tree");
+    std::fs::create_dir_all(tree.join("d")).unwrap();
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    for i in 0..600 {
+        let len = 15_000 + (i * 37) % 10_000;
+        let bytes: Vec<u8> = (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        std::fs::write(tree.join(format!("d/f{i:04}.bin")), bytes).unwrap();
+    }
+    save(&p, &pod, &tree);
+    let out = work.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    load(&p, &pod, &out);
+    assert_same_tree(&tree, &out);
+}
