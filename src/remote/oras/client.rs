@@ -1,8 +1,9 @@
 //! The registry client of the `oras://` backend: `oci_client::Client` wrapped with retries, error
 //! classification and explicit authentication, plus the two requests oci-client cannot make.
 //!
-//! - [`Registry::call`] runs one oci-client call (rebuilt for each attempt), retrying connection
-//!   failures, timeouts, `429` and `5xx` with exponential backoff at most
+//! - [`Registry::call`] runs one oci-client call (rebuilt for each attempt, each attempt under a
+//!   time limit), retrying connection failures, timeouts, `429` and `5xx` with exponential
+//!   backoff at most
 //!   [`RegistryConfig::attempts`] times, then [`RemoteError::Unavailable`] ("giving up after N
 //!   attempts"). Its errors are classified into [`RemoteError`] here: `OciDistributionError`
 //!   never leaves `src/remote/`.
@@ -43,8 +44,12 @@ pub struct RegistryConfig {
     /// Cap on one wait.
     pub max_backoff: Duration,
     pub connect_timeout: Duration,
-    /// Longest wait for any read of a response (a stalled transfer fails after this).
-    pub read_timeout: Duration,
+    /// Limit on one attempt of a call that does not upload a blob, response body included.
+    pub request_timeout: Duration,
+    /// A blob upload may take `upload_timeout_base` plus one second per `upload_min_rate` bytes.
+    pub upload_timeout_base: Duration,
+    /// Bytes per second an upload must at least reach, for its time limit.
+    pub upload_min_rate: u64,
 }
 
 impl Default for RegistryConfig {
@@ -54,7 +59,9 @@ impl Default for RegistryConfig {
             backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(10),
-            read_timeout: Duration::from_secs(60),
+            request_timeout: Duration::from_secs(300),
+            upload_timeout_base: Duration::from_secs(300),
+            upload_min_rate: 1 << 20,
         }
     }
 }
@@ -109,13 +116,13 @@ impl Registry {
             // One POST and one streamed PUT per blob (the default is a PATCH per 4 MiB chunk).
             use_monolithic_push: true,
             connect_timeout: Some(config.connect_timeout),
-            read_timeout: Some(config.read_timeout),
+            // Not `read_timeout`: reqwest runs it from the start of the request to the response
+            // headers, so it would cut long uploads. `Registry::call` limits each attempt.
             user_agent,
             ..Default::default()
         });
         let http = reqwest::Client::builder()
             .connect_timeout(config.connect_timeout)
-            .read_timeout(config.read_timeout)
             .user_agent(user_agent)
             .build();
         let (oci, http) = match (oci, http) {
@@ -172,9 +179,34 @@ impl Registry {
         Ok(())
     }
 
-    /// Runs `attempt` until it succeeds, fails for good, or fails transiently
-    /// [`RegistryConfig::attempts`] times.
-    pub async fn call<T, F, Fut>(&self, what: &str, mut attempt: F) -> RemoteResult<T>
+    /// Runs `attempt` until it succeeds, fails for good, or fails transiently (including
+    /// running over [`RegistryConfig::request_timeout`]) [`RegistryConfig::attempts`] times.
+    pub async fn call<T, F, Fut>(&self, what: &str, attempt: F) -> RemoteResult<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = OciResult<T>>,
+    {
+        self.call_within(what, self.config.request_timeout, attempt)
+            .await
+    }
+
+    /// [`Registry::call`] for an upload of `size` bytes, with a time limit that grows with it.
+    pub async fn call_upload<T, F, Fut>(&self, what: &str, size: u64, attempt: F) -> RemoteResult<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = OciResult<T>>,
+    {
+        let limit = self.config.upload_timeout_base
+            + Duration::from_secs(size / self.config.upload_min_rate.max(1));
+        self.call_within(what, limit, attempt).await
+    }
+
+    async fn call_within<T, F, Fut>(
+        &self,
+        what: &str,
+        limit: Duration,
+        mut attempt: F,
+    ) -> RemoteResult<T>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = OciResult<T>>,
@@ -182,12 +214,13 @@ impl Registry {
         let mut delay = self.config.backoff;
         let attempts = self.config.attempts.max(1);
         for n in 1.. {
-            let detail = match attempt().await {
-                Ok(v) => return Ok(v),
-                Err(e) => match self.classify(what, e) {
+            let detail = match tokio::time::timeout(limit, attempt()).await {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) => match self.classify(what, e) {
                     Failure::Final(e) => return Err(e),
                     Failure::Transient(detail) => detail,
                 },
+                Err(_) => format!("no answer within {limit:?}"),
             };
             if n >= attempts {
                 return Err(RemoteError::Unavailable {
@@ -426,6 +459,75 @@ fn parse_challenge(header: &str) -> Challenge {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn registry(user: Option<&str>) -> Registry {
+        let url = OrasUrl {
+            registry: "127.0.0.1:5000".into(),
+            namespace: "ns".into(),
+            username: user.map(str::to_owned),
+            password: user.map(|_| Secret::new("pw")),
+            plain_http: true,
+        };
+        Registry::new("r", &url, RegistryConfig::default()).unwrap()
+    }
+
+    fn classify(reg: &Registry, e: OciDistributionError) -> Result<String, RemoteError> {
+        match reg.classify("doing it", e) {
+            Failure::Transient(d) => Ok(d),
+            Failure::Final(e) => Err(e),
+        }
+    }
+
+    #[test]
+    fn errors_are_classified() {
+        use OciDistributionError as E;
+        let server = |code| E::ServerError {
+            code,
+            url: "u".into(),
+            message: "m".into(),
+        };
+        let reg = registry(Some("me"));
+        for code in [429, 500, 503] {
+            assert!(classify(&reg, server(code)).is_ok(), "{code}");
+        }
+        assert!(classify(&reg, E::IoError(std::io::Error::other("reset"))).is_ok());
+        let denied = classify(&reg, E::UnauthorizedError { url: "u".into() }).unwrap_err();
+        assert!(
+            denied
+                .to_string()
+                .contains("wrong user or password for remote \"r\""),
+            "{denied}"
+        );
+        let envelope: oci_client::errors::OciEnvelope =
+            serde_json::from_str(r#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"x"}]}"#)
+                .unwrap();
+        let missing = E::RegistryError {
+            envelope,
+            url: "u".into(),
+        };
+        assert!(matches!(
+            classify(&reg, missing),
+            Err(RemoteError::NotFound(_))
+        ));
+        assert!(matches!(
+            classify(&reg, server(404)),
+            Err(RemoteError::NotFound(_))
+        ));
+        assert!(matches!(
+            classify(&reg, server(403)),
+            Err(RemoteError::Denied { .. })
+        ));
+        assert!(matches!(
+            classify(&reg, server(400)),
+            Err(RemoteError::Other { .. })
+        ));
+        let anon = classify(&registry(None), E::UnauthorizedError { url: "u".into() });
+        assert!(
+            anon.unwrap_err()
+                .to_string()
+                .contains("requires a user and password"),
+        );
+    }
 
     #[test]
     fn challenges_parse() {

@@ -174,7 +174,7 @@ impl OrasRemote {
         r: &Reference,
         digest: &str,
         size: u64,
-        data: Result<Bytes, &Path>,
+        data: Blob<'_>,
     ) -> RemoteResult<()> {
         let oci = &self.registry.oci;
         let exists = self
@@ -189,10 +189,10 @@ impl OrasRemote {
         }
         let what = format!("uploading blob {digest} ({size} bytes) to {r}");
         self.registry
-            .call(&what, || async {
+            .call_upload(&what, size, || async {
                 match &data {
-                    Ok(bytes) => oci.push_blob(r, bytes.clone(), digest).await,
-                    Err(path) => {
+                    Blob::Bytes(bytes) => oci.push_blob(r, bytes.clone(), digest).await,
+                    Blob::File(path) => {
                         let stream = file_stream(tokio::fs::File::open(path).await?);
                         oci.push_blob_stream(r, stream, digest, Some(size)).await
                     }
@@ -402,6 +402,13 @@ impl OrasRemote {
     }
 }
 
+/// Where the bytes of a blob to upload are.
+enum Blob<'a> {
+    Bytes(Bytes),
+    /// Read streaming, reopened for each attempt.
+    File(&'a Path),
+}
+
 /// `file` as a stream of 1 MiB pieces, for oci-client's streamed upload.
 fn file_stream(
     file: tokio::fs::File,
@@ -513,7 +520,7 @@ impl Remote for OrasRemote {
                 source: std::io::Error::other(e),
             })?
             .map_err(RemoteError::io(format!("hashing {}", file.display())))?;
-        self.push_blob(&r, &digest, size, Err(file)).await?;
+        self.push_blob(&r, &digest, size, Blob::File(file)).await?;
         let layer = descriptor(
             STATE_MEDIA_TYPE,
             digest,
@@ -562,10 +569,15 @@ impl Remote for OrasRemote {
         let body_digest = sha256_digest(&body);
 
         let config = Bytes::from_static(EMPTY_CONFIG);
-        self.push_blob(&r, EMPTY_CONFIG_DIGEST, config.len() as u64, Ok(config))
-            .await?;
+        self.push_blob(
+            &r,
+            EMPTY_CONFIG_DIGEST,
+            config.len() as u64,
+            Blob::Bytes(config),
+        )
+        .await?;
         let size = version_zip.len() as u64;
-        self.push_blob(&r, &version_layer.digest, size, Ok(version_zip))
+        self.push_blob(&r, &version_layer.digest, size, Blob::Bytes(version_zip))
             .await?;
 
         // Registries have no conditional tag write: check again right before, verify after.
