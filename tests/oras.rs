@@ -333,8 +333,8 @@ fn deleting_a_version_keeps_versions_that_share_its_state_blob() {
 
 #[test]
 fn many_small_files_spanning_several_blocks_load_exactly() {
-    // ~12 MiB of incompressible small files: reads go through the 4 MiB block cache and some
-    // files straddle block boundaries.
+    // ~12 MiB of incompressible small files: the load merges neighbouring files into a few
+    // large range reads of the state blob, and every file must come back exactly.
     let reg = Registry::anonymous();
     let p = podfs_for(&reg, "myns");
     let pod = pod_name("small");

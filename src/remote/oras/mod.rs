@@ -1,10 +1,8 @@
-//! The `oras://` backend: pods as OCI artifacts in a registry (ORAS conventions).
+//! The `oras://` backend: pods as OCI artifacts in a registry (ORAS conventions), through
+//! `oci-client` (see [`client`] for what is hand-written and why, [`layout`] for the manifest).
 //!
-//! Layout (see `docs/ORAS.md`): pod `P` is repository `NAMESPACE/P`; version `N` is tag `N`, an
-//! OCI image manifest with `artifactType` [`POD_ARTIFACT_TYPE`], the empty config, and layers:
-//! the version zip first ([`VERSION_MEDIA_TYPE`]), then every state zip the version refers to
-//! ([`STATE_MEDIA_TYPE`]), each titled (`org.opencontainers.image.title`) with its format-v1
-//! object name. Blobs are content-addressed and shared, so unchanged state is never stored twice.
+//! Pod `P` is repository `NAMESPACE/P`; version `N` is tag `N`. Blobs are content-addressed and
+//! shared, so unchanged state is never stored twice.
 //!
 //! Guarantees and limits:
 //! - A commit pushes the manifest under tag `N` only if the tag is absent (checked just before,
@@ -13,63 +11,37 @@
 //! - Blobs are never deleted by podfs: the registry's garbage collector removes blobs no manifest
 //!   refers to. [`Remote::delete_state`] is a no-op and [`Remote::list_states`] reports the states
 //!   referenced by the existing manifests.
-//! - Manifests are refused above [`MAX_MANIFEST_BYTES`] (the distribution limit) before pushing.
 //! - Tags are immutable for podfs, so manifests are cached in memory per `(pod, tag)`.
+//! - State reads are one range request each, with no cache here: `pod::load` already merges
+//!   neighbouring small files into one read.
 
-mod registry;
+mod client;
+mod layout;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::io::Read;
+use std::collections::{BTreeSet, HashMap};
 use std::ops::Range;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
-use futures::future::BoxFuture;
+use oci_client::client::BlobResponse;
 use oci_client::manifest::{OCI_IMAGE_MEDIA_TYPE, OciDescriptor, OciImageManifest};
-use reqwest::StatusCode;
-use reqwest::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE, LOCATION, RANGE};
-use sha2::{Digest, Sha256};
+use oci_client::{Reference, RegistryOperation};
+use reqwest::{Method, StatusCode};
 
-pub use registry::RegistryConfig;
-use registry::{Registry, error_chain, next_link, read_json};
+pub use client::RegistryConfig;
+use client::{Registry, lock};
+use layout::*;
+pub use layout::{POD_ARTIFACT_TYPE, STATE_MEDIA_TYPE, VERSION_MEDIA_TYPE};
 
 use super::{ObjectKind, Remote, RemoteError, RemoteResult, object_name, parse_object_name};
 use crate::config::OrasUrl;
 use crate::pod::PodName;
 
-/// `artifactType` of every podfs version manifest.
-pub const POD_ARTIFACT_TYPE: &str = "application/vnd.podfs.pod.v1";
-/// Media type of layer 0: the version zip (`localstack-pod-P-version-N.zip`).
-pub const VERSION_MEDIA_TYPE: &str = "application/vnd.podfs.version.v1+zip";
-/// Media type of the other layers: state zips (`localstack-pod-P-state-K.zip`).
-pub const STATE_MEDIA_TYPE: &str = "application/vnd.podfs.state.v1+zip";
-/// The OCI empty descriptor used as config.
-pub const EMPTY_CONFIG_MEDIA_TYPE: &str = "application/vnd.oci.empty.v1+json";
-pub const EMPTY_CONFIG_DIGEST: &str =
-    "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a";
-const EMPTY_CONFIG: &[u8] = b"{}";
-/// The layer annotation holding the object name.
-pub const TITLE: &str = "org.opencontainers.image.title";
-/// Largest manifest distribution accepts.
-pub const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
-
-const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, \
-    application/vnd.oci.image.index.v1+json, \
-    application/vnd.docker.distribution.manifest.v2+json, \
-    application/vnd.docker.distribution.manifest.list.v2+json";
 /// Page size asked of `/v2/_catalog` and tag lists.
 const PAGE: usize = 1000;
-/// Reads up to this size go through the block cache.
-const SMALL_READ: u64 = 256 << 10;
-/// Block size of the block cache.
-const BLOCK: u64 = 4 << 20;
-/// Blocks kept (at most `BLOCKS * BLOCK` bytes of memory).
-const BLOCKS: usize = 16;
-/// Times a blob upload is restarted from a new session when the registry rejects it midway.
-const UPLOAD_SESSIONS: u32 = 3;
 
 pub struct OrasRemote {
     name: String,
@@ -79,35 +51,6 @@ pub struct OrasRemote {
     manifests: Mutex<HashMap<(PodName, u64), Arc<OciImageManifest>>>,
     /// State blobs pushed by `put_state`, waiting for `commit_version`.
     pending: Mutex<HashMap<(PodName, u64), OciDescriptor>>,
-    /// Recently read blocks of state blobs, for small reads.
-    blocks: Mutex<BlockCache>,
-}
-
-/// A small LRU-by-insertion map of blob blocks. Each slot is a `OnceCell`, so concurrent readers
-/// of one block share a single request; the map lock is never held across `.await`.
-#[derive(Default)]
-struct BlockCache {
-    cells: HashMap<(String, u64), Arc<tokio::sync::OnceCell<Bytes>>>,
-    order: std::collections::VecDeque<(String, u64)>,
-}
-
-impl BlockCache {
-    /// The slot for `(digest, idx)`, created (evicting the oldest) if absent.
-    fn entry(&mut self, digest: String, idx: u64) -> Arc<tokio::sync::OnceCell<Bytes>> {
-        let key = (digest, idx);
-        if let Some(c) = self.cells.get(&key) {
-            return Arc::clone(c);
-        }
-        while self.order.len() >= BLOCKS {
-            if let Some(old) = self.order.pop_front() {
-                self.cells.remove(&old);
-            }
-        }
-        let cell = Arc::new(tokio::sync::OnceCell::new());
-        self.cells.insert(key.clone(), Arc::clone(&cell));
-        self.order.push_back(key);
-        cell
-    }
 }
 
 impl std::fmt::Debug for OrasRemote {
@@ -118,25 +61,6 @@ impl std::fmt::Debug for OrasRemote {
             .field("registry", &self.registry)
             .finish_non_exhaustive()
     }
-}
-
-/// Where a blob's bytes come from.
-#[derive(Clone)]
-enum BlobSource {
-    Memory(Bytes),
-    File(PathBuf),
-}
-
-fn ready(r: reqwest::RequestBuilder) -> BoxFuture<'static, RemoteResult<reqwest::RequestBuilder>> {
-    Box::pin(async move { Ok(r) })
-}
-
-fn pull_scope(repo: &str) -> String {
-    format!("repository:{repo}:pull")
-}
-
-fn push_scope(repo: &str) -> String {
-    format!("repository:{repo}:pull,push")
 }
 
 impl OrasRemote {
@@ -151,7 +75,6 @@ impl OrasRemote {
             registry: Registry::new(name, url, config)?,
             manifests: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
-            blocks: Mutex::new(BlockCache::default()),
         })
     }
 
@@ -168,19 +91,16 @@ impl OrasRemote {
         Ok(format!("{}/{pod}", self.namespace))
     }
 
-    fn not_found(&self, what: String) -> RemoteError {
-        RemoteError::NotFound(format!("{what} on remote {:?}", self.name))
-    }
-
-    fn unexpected(&self, what: &str, status: StatusCode, body: &str) -> RemoteError {
-        self.registry
-            .other(format!("{what}: unexpected HTTP {status}: {}", body.trim()))
-    }
-
-    async fn get(&self, what: &str, scope: &str, url: &str) -> RemoteResult<reqwest::Response> {
-        self.registry
-            .send(what, scope, &|c| ready(c.get(url)))
-            .await
+    /// The reference `NAMESPACE/POD:tag`, authenticated for `op`.
+    async fn reference(
+        &self,
+        pod: &PodName,
+        tag: &str,
+        op: RegistryOperation,
+    ) -> RemoteResult<Reference> {
+        let r = self.registry.reference(&self.repo(pod)?, tag);
+        self.registry.login(&r, op).await?;
+        Ok(r)
     }
 
     /// The validated pod manifest of tag `tag`, from the cache or the registry.
@@ -203,33 +123,26 @@ impl OrasRemote {
         if let Some(m) = lock(&self.manifests).get(&key) {
             return Ok(Ok(Arc::clone(m)));
         }
-        let repo = self.repo(pod)?;
-        let what = format!("reading the manifest of {repo}:{tag}");
-        let url = self.registry.url(&format!("/v2/{repo}/manifests/{tag}"));
-        let resp = self
-            .registry
-            .send(&what, &pull_scope(&repo), &|c| {
-                ready(c.get(&url).header(ACCEPT, MANIFEST_ACCEPT))
-            })
+        let r = self
+            .reference(pod, &tag.to_string(), RegistryOperation::Pull)
             .await?;
-        let status = resp.status();
-        if status == StatusCode::NOT_FOUND {
-            return Err(self.not_found(format!("version {tag} of pod {pod:?}")));
-        }
-        let content_type = resp
-            .headers()
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_owned();
-        let body = resp
-            .bytes()
+        let what = format!("reading the manifest of {r}");
+        let (body, _digest) = self
+            .registry
+            .call(&what, || {
+                self.registry
+                    .oci
+                    .pull_manifest_raw(&r, &self.registry.auth, MANIFEST_TYPES)
+            })
             .await
-            .map_err(|e| self.registry.other(format!("{what}: {}", error_chain(&e))))?;
-        if !status.is_success() {
-            return Err(self.unexpected(&what, status, &String::from_utf8_lossy(&body)));
-        }
-        let manifest = match parse_pod_manifest(&body, &content_type) {
+            .map_err(|e| match e {
+                RemoteError::NotFound(_) => RemoteError::NotFound(format!(
+                    "version {tag} of pod {pod:?} on remote {:?}",
+                    self.name
+                )),
+                e => e,
+            })?;
+        let manifest = match parse_pod_manifest(&body) {
             Ok(m) => Arc::new(m),
             Err(why) => return Ok(Err(why)),
         };
@@ -237,249 +150,114 @@ impl OrasRemote {
         Ok(Ok(manifest))
     }
 
-    /// The digest tag `tag` points at, or `None` if the tag does not exist.
-    async fn tag_digest(&self, repo: &str, tag: u64, scope: &str) -> RemoteResult<Option<String>> {
-        let what = format!("looking up {repo}:{tag}");
-        let url = self.registry.url(&format!("/v2/{repo}/manifests/{tag}"));
-        let resp = self
+    /// The digest `r`'s tag points at, or `None` if the tag does not exist.
+    async fn tag_digest(&self, r: &Reference) -> RemoteResult<Option<String>> {
+        let what = format!("looking up {r}");
+        let found = self
             .registry
-            .send(&what, scope, &|c| {
-                ready(c.head(&url).header(ACCEPT, MANIFEST_ACCEPT))
+            .call(&what, || {
+                self.registry
+                    .oci
+                    .fetch_manifest_digest(r, &self.registry.auth)
             })
-            .await?;
-        match resp.status() {
-            StatusCode::NOT_FOUND => Ok(None),
-            s if s.is_success() => {
-                let digest = resp
-                    .headers()
-                    .get("Docker-Content-Digest")
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_owned);
-                match digest {
-                    Some(d) => Ok(Some(d)),
-                    None => {
-                        // The header is optional in the spec: hash the manifest instead.
-                        let resp = self
-                            .registry
-                            .send(&what, scope, &|c| {
-                                ready(c.get(&url).header(ACCEPT, MANIFEST_ACCEPT))
-                            })
-                            .await?;
-                        let body = resp.bytes().await.map_err(|e| {
-                            self.registry.other(format!("{what}: {}", error_chain(&e)))
-                        })?;
-                        Ok(Some(sha256_digest(&body)))
-                    }
-                }
-            }
-            s => Err(self.unexpected(&what, s, "")),
+            .await;
+        match found {
+            Ok(d) => Ok(Some(d)),
+            Err(RemoteError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
         }
     }
 
-    async fn blob_exists(&self, repo: &str, digest: &str) -> RemoteResult<bool> {
-        let what = format!("checking blob {digest} in {repo}");
-        let url = self.registry.url(&format!("/v2/{repo}/blobs/{digest}"));
-        let resp = self
-            .registry
-            .send(&what, &push_scope(repo), &|c| ready(c.head(&url)))
-            .await?;
-        match resp.status() {
-            StatusCode::NOT_FOUND => Ok(false),
-            s if s.is_success() => Ok(true),
-            s => Err(self.unexpected(&what, s, "")),
-        }
-    }
-
-    /// Uploads a blob unless the repository already has it: a POST opens an upload session, one
-    /// PUT streams the bytes and names the digest (the registry verifies it).
+    /// Uploads a blob unless the repository already has it. `r` is logged in for push and pull.
     async fn push_blob(
         &self,
-        repo: &str,
+        r: &Reference,
         digest: &str,
         size: u64,
-        source: BlobSource,
+        data: Blob<'_>,
     ) -> RemoteResult<()> {
-        if self.blob_exists(repo, digest).await? {
-            tracing::debug!(remote = %self.name, repo, digest, "blob already in the registry");
+        let oci = &self.registry.oci;
+        let exists = self
+            .registry
+            .call(&format!("checking blob {digest} in {r}"), || {
+                oci.blob_exists(r, digest)
+            })
+            .await?;
+        if exists {
+            tracing::debug!(remote = %self.name, %r, digest, "blob already in the registry");
             return Ok(());
         }
-        let what = format!("uploading blob {digest} ({size} bytes) to {repo}");
-        let scope = push_scope(repo);
-        let start_url = self.registry.url(&format!("/v2/{repo}/blobs/uploads/"));
-        let mut last_error = String::new();
-        for session in 1..=UPLOAD_SESSIONS {
-            let resp = self
-                .registry
-                .send(&what, &scope, &|c| {
-                    ready(c.post(&start_url).header(CONTENT_LENGTH, 0))
-                })
-                .await?;
-            let status = resp.status();
-            let location = resp
-                .headers()
-                .get(LOCATION)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned);
-            let Some(location) = location.filter(|_| status == StatusCode::ACCEPTED) else {
-                let body = resp.text().await.unwrap_or_default();
-                return Err(self.unexpected(&format!("{what} (starting)"), status, &body));
-            };
-            let mut put_url = if location.starts_with("http://") || location.starts_with("https://")
-            {
-                location
-            } else {
-                self.registry.url(&location)
-            };
-            put_url.push(if put_url.contains('?') { '&' } else { '?' });
-            put_url.push_str("digest=");
-            put_url.push_str(&digest.replace(':', "%3A"));
-            let source = source.clone();
-            let resp = self
-                .registry
-                .send_upload(&what, &scope, size, &|c| {
-                    let req = c
-                        .put(&put_url)
-                        .header(CONTENT_TYPE, "application/octet-stream")
-                        .header(CONTENT_LENGTH, size);
-                    match &source {
-                        BlobSource::Memory(b) => ready(req.body(b.clone())),
-                        BlobSource::File(path) => Box::pin(file_body(req, path.clone())),
+        let what = format!("uploading blob {digest} ({size} bytes) to {r}");
+        self.registry
+            .call_upload(&what, size, || async {
+                match &data {
+                    Blob::Bytes(bytes) => oci.push_blob(r, bytes.clone(), digest).await,
+                    Blob::File(path) => {
+                        let stream = file_stream(tokio::fs::File::open(path).await?);
+                        oci.push_blob_stream(r, stream, digest, Some(size)).await
                     }
-                })
-                .await?;
-            let status = resp.status();
-            if status == StatusCode::CREATED || status.is_success() {
-                return Ok(());
-            }
-            last_error = format!(
-                "HTTP {status}: {}",
-                resp.text().await.unwrap_or_default().trim()
-            );
-            if status == StatusCode::BAD_REQUEST && last_error.contains("DIGEST_INVALID") {
-                return Err(self.registry.other(format!(
-                    "{what}: the registry computed another digest (did the file change during the save?): {last_error}"
-                )));
-            }
-            tracing::warn!(remote = %self.name, session, "{what}: {last_error}; starting a new upload");
-        }
-        Err(self.registry.other(format!("{what}: {last_error}")))
+                }
+            })
+            .await?;
+        Ok(())
     }
 
-    /// Fetches a whole blob into memory and checks its digest.
-    async fn blob_bytes(&self, repo: &str, layer: &OciDescriptor) -> RemoteResult<Bytes> {
-        let what = format!("downloading blob {} from {repo}", layer.digest);
-        let url = self
+    /// Fetches a whole blob into memory; oci-client checks its digest.
+    async fn blob_bytes(&self, r: &Reference, layer: &OciDescriptor) -> RemoteResult<Bytes> {
+        let what = format!("downloading blob {} from {r}", layer.digest);
+        let out = self
             .registry
-            .url(&format!("/v2/{repo}/blobs/{}", layer.digest));
-        let resp = self.get(&what, &pull_scope(repo), &url).await?;
-        let status = resp.status();
-        if status == StatusCode::NOT_FOUND {
-            return Err(self.not_found(format!("blob {} of {repo}", layer.digest)));
-        }
-        let body = resp
-            .bytes()
-            .await
-            .map_err(|e| self.registry.other(format!("{what}: {}", error_chain(&e))))?;
-        if !status.is_success() {
-            return Err(self.unexpected(&what, status, &String::from_utf8_lossy(&body)));
-        }
-        let got = sha256_digest(&body);
-        if got != layer.digest {
-            return Err(self.registry.other(format!(
-                "{what}: the bytes have digest {got}, not {}",
-                layer.digest
-            )));
-        }
-        Ok(body)
-    }
-
-    /// Tags of `repo`, following `Link` pages when the registry paginates.
-    async fn tags(&self, repo: &str) -> RemoteResult<Vec<String>> {
-        #[derive(serde::Deserialize)]
-        struct TagList {
-            tags: Option<Vec<String>>,
-        }
-        let what = format!("listing the tags of {repo}");
-        let mut url = Some(self.registry.url(&format!("/v2/{repo}/tags/list?n={PAGE}")));
-        let mut out = Vec::new();
-        while let Some(u) = url.take() {
-            let resp = self.get(&what, &pull_scope(repo), &u).await?;
-            let status = resp.status();
-            if status == StatusCode::NOT_FOUND {
-                return Ok(out);
-            }
-            if !status.is_success() {
-                let body = resp.text().await.unwrap_or_default();
-                return Err(self.unexpected(&what, status, &body));
-            }
-            url = next_link(resp.headers(), &self.registry.base);
-            let page: TagList = read_json(resp)
-                .await
-                .map_err(|e| self.registry.other(format!("{what}: {e}")))?;
-            let before = out.len();
-            out.extend(page.tags.unwrap_or_default());
-            if out.len() == before {
-                break; // an empty page ends the list whatever the Link says
-            }
-        }
-        Ok(out)
+            .call(&what, || async {
+                let mut out = Vec::with_capacity(usize::try_from(layer.size).unwrap_or(0));
+                self.registry.oci.pull_blob(r, layer, &mut out).await?;
+                Ok(out)
+            })
+            .await?;
+        Ok(out.into())
     }
 
     /// Bytes `range` of blob `layer` with one `Range` request (streaming past the start when
     /// the registry ignores `Range`).
     async fn fetch_range(
         &self,
-        repo: &str,
+        r: &Reference,
         layer: &OciDescriptor,
         title: &str,
         range: Range<u64>,
     ) -> RemoteResult<Bytes> {
-        let len = range.end - range.start;
         let what = format!(
             "reading bytes {}..{} of {title} ({})",
             range.start, range.end, layer.digest
         );
-        let url = self
+        let wanted = usize::try_from(range.end - range.start)
+            .map_err(|_| self.registry.other(format!("{what}: range too large")))?;
+        let out = self
             .registry
-            .url(&format!("/v2/{repo}/blobs/{}", layer.digest));
-        let header = format!("bytes={}-{}", range.start, range.end - 1);
-        let resp = self
-            .registry
-            .send(&what, &pull_scope(repo), &|c| {
-                ready(c.get(&url).header(RANGE, &header))
+            .call(&what, || async {
+                let resp = self
+                    .registry
+                    .oci
+                    .pull_blob_stream_partial(r, layer, range.start, Some(range.end - range.start))
+                    .await?;
+                let (mut stream, mut skip) = match resp {
+                    BlobResponse::Partial(s) => (s, 0),
+                    BlobResponse::Full(s) => (s, range.start),
+                };
+                let mut out = BytesMut::with_capacity(wanted);
+                while out.len() < wanted {
+                    let Some(chunk) = stream.next().await else {
+                        break;
+                    };
+                    let mut chunk = chunk?;
+                    let n = skip.min(chunk.len() as u64);
+                    let _ = chunk.split_to(n as usize);
+                    skip -= n;
+                    let take = chunk.len().min(wanted - out.len());
+                    out.extend_from_slice(&chunk[..take]);
+                }
+                Ok(out)
             })
             .await?;
-        let status = resp.status();
-        if status == StatusCode::NOT_FOUND {
-            return Err(self.not_found(format!("{title} ({})", layer.digest)));
-        }
-        let wanted = usize::try_from(len)
-            .map_err(|_| self.registry.other(format!("{what}: range too large")))?;
-        // 206: the range. 200: the registry ignored Range; skip to it in the stream.
-        let mut skip = match status {
-            StatusCode::PARTIAL_CONTENT => 0,
-            StatusCode::OK => range.start,
-            s => {
-                let body = resp.text().await.unwrap_or_default();
-                return Err(self.unexpected(&what, s, &body));
-            }
-        };
-        let mut out = BytesMut::with_capacity(wanted);
-        let mut stream = resp.bytes_stream();
-        while out.len() < wanted {
-            let Some(chunk) = stream.next().await else {
-                break;
-            };
-            let mut chunk =
-                chunk.map_err(|e| self.registry.other(format!("{what}: {}", error_chain(&e))))?;
-            if skip > 0 {
-                let n = skip.min(chunk.len() as u64);
-                let _ = chunk.split_to(n as usize);
-                skip -= n;
-            }
-            let take = chunk.len().min(wanted - out.len());
-            out.extend_from_slice(&chunk[..take]);
-        }
         if out.len() < wanted {
             return Err(self.registry.other(format!(
                 "{what}: the registry returned only {} of {wanted} bytes",
@@ -489,27 +267,96 @@ impl OrasRemote {
         Ok(out.freeze())
     }
 
-    /// Block `idx` of blob `layer` (`BLOCK` bytes, the last one shorter), fetched once even when
-    /// several reads want it at the same time.
-    async fn block(
-        &self,
-        repo: &str,
-        layer: &OciDescriptor,
-        title: &str,
-        idx: u64,
-        size: u64,
-    ) -> RemoteResult<Bytes> {
-        let cell = lock(&self.blocks).entry(layer.digest.clone(), idx);
-        let bytes = cell
-            .get_or_try_init(|| {
-                let start = idx * BLOCK;
-                self.fetch_range(repo, layer, title, start..(start + BLOCK).min(size))
-            })
-            .await?;
-        Ok(bytes.clone())
+    /// Tags of `repo`, paged with `n`/`last` (distribution 2.8 ignores both and sends all).
+    async fn tags(&self, pod: &PodName) -> RemoteResult<Vec<String>> {
+        let r = self.reference(pod, "1", RegistryOperation::Pull).await?;
+        let what = format!("listing the tags of {}", r.repository());
+        let mut out = BTreeSet::new();
+        let mut last: Option<String> = None;
+        loop {
+            let page = self
+                .registry
+                .call(&what, || {
+                    self.registry.oci.list_tags(
+                        &r,
+                        &self.registry.auth,
+                        Some(PAGE),
+                        last.as_deref(),
+                    )
+                })
+                .await;
+            let tags = match page {
+                Ok(p) => p.tags,
+                Err(RemoteError::NotFound(_)) => Vec::new(), // no such repository yet
+                Err(e) => return Err(e),
+            };
+            let full = tags.len() >= PAGE;
+            last = tags.last().cloned();
+            let before = out.len();
+            out.extend(tags);
+            // A short page, or one with nothing new (pagination ignored), ends the list.
+            if !full || out.len() == before {
+                return Ok(out.into_iter().collect());
+            }
+        }
     }
 
-    /// Builds version `version`'s manifest from the version blob and the states it refers to.
+    /// Repositories directly under `NAMESPACE/` whose name is a pod name, from the catalog.
+    /// Hand-written: oci-client's `catalog` asks for a repository token, not `registry:catalog:*`.
+    async fn catalog_pods(&self) -> RemoteResult<BTreeSet<PodName>> {
+        #[derive(serde::Deserialize)]
+        struct Catalog {
+            repositories: Option<Vec<String>>,
+        }
+        let what = "listing repositories (/v2/_catalog)";
+        let prefix = format!("{}/", self.namespace);
+        let mut pods = BTreeSet::new();
+        let mut last = String::new();
+        loop {
+            let mut path = format!("/v2/_catalog?n={PAGE}");
+            if !last.is_empty() {
+                let q = percent_encoding::utf8_percent_encode(
+                    &last,
+                    percent_encoding::NON_ALPHANUMERIC,
+                );
+                path.push_str(&format!("&last={q}"));
+            }
+            let (status, body) = self
+                .registry
+                .call(what, || async {
+                    let resp = self
+                        .registry
+                        .send_scoped(Method::GET, &path, "registry:catalog:*")
+                        .await?;
+                    Ok((resp.status(), resp.bytes().await?))
+                })
+                .await?;
+            if !status.is_success() {
+                return Err(self.registry.other(format!(
+                    "{what}: HTTP {status}: {} (this registry may not allow listing repositories)",
+                    String::from_utf8_lossy(&body).trim()
+                )));
+            }
+            let page: Catalog = serde_json::from_slice(&body)
+                .map_err(|e| self.registry.other(format!("{what}: {e}")))?;
+            let repos = page.repositories.unwrap_or_default();
+            let full = repos.len() >= PAGE;
+            let next = repos.last().cloned().unwrap_or_default();
+            pods.extend(
+                repos
+                    .iter()
+                    .filter_map(|r| r.strip_prefix(&prefix))
+                    .filter(|rest| !rest.contains('/'))
+                    .filter_map(|rest| PodName::new(rest).ok()),
+            );
+            if !full || next <= last {
+                return Ok(pods);
+            }
+            last = next;
+        }
+    }
+
+    /// The layers of version `version`'s manifest after the version zip.
     async fn layers_for(
         &self,
         pod: &PodName,
@@ -555,159 +402,22 @@ impl OrasRemote {
     }
 }
 
-/// Streams `path` as the request body, 1 MiB at a time.
-async fn file_body(
-    req: reqwest::RequestBuilder,
-    path: PathBuf,
-) -> RemoteResult<reqwest::RequestBuilder> {
-    let file = tokio::fs::File::open(&path)
-        .await
-        .map_err(RemoteError::io(format!("opening {}", path.display())))?;
-    let stream = futures::stream::try_unfold(file, |mut f| async move {
+/// Where the bytes of a blob to upload are.
+enum Blob<'a> {
+    Bytes(Bytes),
+    /// Read streaming, reopened for each attempt.
+    File(&'a Path),
+}
+
+/// `file` as a stream of 1 MiB pieces, for oci-client's streamed upload.
+fn file_stream(
+    file: tokio::fs::File,
+) -> impl futures::Stream<Item = Result<Bytes, oci_client::errors::OciDistributionError>> + Send {
+    futures::stream::try_unfold(file, |mut f| async move {
         let mut buf = BytesMut::with_capacity(1 << 20);
         let n = tokio::io::AsyncReadExt::read_buf(&mut f, &mut buf).await?;
-        Ok::<_, std::io::Error>((n > 0).then(|| (buf.freeze(), f)))
-    });
-    Ok(req.body(reqwest::Body::wrap_stream(stream)))
-}
-
-/// `sha256:<hex>` of `bytes`.
-fn sha256_digest(bytes: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
-}
-
-/// `sha256:<hex>` and size of a file, read in 1 MiB pieces.
-fn file_digest(path: &Path) -> std::io::Result<(String, u64)> {
-    let mut f = std::fs::File::open(path)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut size = 0u64;
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-        size += n as u64;
-    }
-    Ok((format!("sha256:{}", hex::encode(h.finalize())), size))
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn title_of(layer: &OciDescriptor) -> Option<&str> {
-    layer.annotations.as_ref()?.get(TITLE).map(String::as_str)
-}
-
-fn descriptor(media_type: &str, digest: String, size: u64, title: String) -> OciDescriptor {
-    OciDescriptor {
-        media_type: media_type.to_owned(),
-        digest,
-        size: i64::try_from(size).unwrap_or(i64::MAX),
-        annotations: Some(BTreeMap::from([(TITLE.to_owned(), title)])),
-        ..Default::default()
-    }
-}
-
-/// The manifest of a version: `layers[0]` is the version zip, the rest its states.
-fn build_manifest(layers: Vec<OciDescriptor>) -> OciImageManifest {
-    OciImageManifest {
-        schema_version: 2,
-        media_type: Some(OCI_IMAGE_MEDIA_TYPE.to_owned()),
-        config: OciDescriptor {
-            media_type: EMPTY_CONFIG_MEDIA_TYPE.to_owned(),
-            digest: EMPTY_CONFIG_DIGEST.to_owned(),
-            size: EMPTY_CONFIG.len() as i64,
-            ..Default::default()
-        },
-        layers,
-        subject: None,
-        artifact_type: Some(POD_ARTIFACT_TYPE.to_owned()),
-        annotations: None,
-    }
-}
-
-/// Serializes a manifest, refusing one the registry would reject for its size.
-fn encode_manifest(manifest: &OciImageManifest) -> Result<Vec<u8>, String> {
-    let body = serde_json::to_vec(manifest).map_err(|e| e.to_string())?;
-    if body.len() > MAX_MANIFEST_BYTES {
-        return Err(format!(
-            "its manifest would be {} bytes ({} layers), over the 4 MiB limit registries accept \
-             for manifests; nothing was committed",
-            body.len(),
-            manifest.layers.len()
-        ));
-    }
-    Ok(body)
-}
-
-/// Parses and validates a podfs version manifest; the error says why it is not one.
-fn parse_pod_manifest(body: &[u8], content_type: &str) -> Result<OciImageManifest, String> {
-    #[derive(serde::Deserialize)]
-    #[serde(rename_all = "camelCase")]
-    struct Probe {
-        media_type: Option<String>,
-        artifact_type: Option<String>,
-        config: Option<serde_json::Value>,
-    }
-    let probe: Probe =
-        serde_json::from_slice(body).map_err(|e| format!("unreadable manifest: {e}"))?;
-    let media_type = probe
-        .media_type
-        .as_deref()
-        .unwrap_or(content_type)
-        .to_owned();
-    if media_type != OCI_IMAGE_MEDIA_TYPE {
-        return Err(format!("manifest type {media_type:?}"));
-    }
-    let artifact_type = probe.artifact_type.or_else(|| {
-        probe
-            .config
-            .as_ref()
-            .and_then(|c| c.get("mediaType"))
-            .and_then(|m| m.as_str())
-            .map(str::to_owned)
-    });
-    if artifact_type.as_deref() != Some(POD_ARTIFACT_TYPE) {
-        return Err(format!(
-            "artifactType {:?}, expected {POD_ARTIFACT_TYPE:?}",
-            artifact_type.unwrap_or_default()
-        ));
-    }
-    let manifest: OciImageManifest =
-        serde_json::from_slice(body).map_err(|e| format!("unreadable manifest: {e}"))?;
-    match manifest.layers.first() {
-        Some(l) if l.media_type == VERSION_MEDIA_TYPE => Ok(manifest),
-        _ => Err(format!("its first layer is not a {VERSION_MEDIA_TYPE}")),
-    }
-}
-
-/// Whether `s` is a valid repository path component: `[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*`.
-fn is_repo_component(s: &str) -> bool {
-    let b = s.as_bytes();
-    let alnum = |c: u8| c.is_ascii_lowercase() || c.is_ascii_digit();
-    if b.is_empty() || !alnum(b[0]) || !alnum(b[b.len() - 1]) {
-        return false;
-    }
-    let mut i = 0;
-    while i < b.len() {
-        if alnum(b[i]) {
-            i += 1;
-            continue;
-        }
-        let start = i;
-        while i < b.len() && !alnum(b[i]) {
-            i += 1;
-        }
-        let sep = &s[start..i];
-        let ok = sep == "." || sep == "_" || sep == "__" || sep.bytes().all(|c| c == b'-');
-        if !ok {
-            return false;
-        }
-    }
-    true
+        Ok((n > 0).then(|| (buf.freeze(), f)))
+    })
 }
 
 #[async_trait]
@@ -717,45 +427,11 @@ impl Remote for OrasRemote {
     }
 
     async fn list_pods(&self) -> RemoteResult<Vec<PodName>> {
-        #[derive(serde::Deserialize)]
-        struct Catalog {
-            repositories: Option<Vec<String>>,
-        }
-        let what = "listing repositories (/v2/_catalog)";
-        let prefix = format!("{}/", self.namespace);
-        let mut url = Some(self.registry.url(&format!("/v2/_catalog?n={PAGE}")));
-        let mut candidates = BTreeSet::new();
-        while let Some(u) = url.take() {
-            let resp = self.get(what, "registry:catalog:*", &u).await?;
-            let status = resp.status();
-            if !status.is_success() {
-                let body = resp.text().await.unwrap_or_default();
-                return Err(self.registry.other(format!(
-                    "{what}: HTTP {status}: {} (this registry may not allow listing repositories)",
-                    body.trim()
-                )));
-            }
-            url = next_link(resp.headers(), &self.registry.base);
-            let page: Catalog = read_json(resp)
-                .await
-                .map_err(|e| self.registry.other(format!("{what}: {e}")))?;
-            let repos = page.repositories.unwrap_or_default();
-            if repos.is_empty() {
-                break;
-            }
-            candidates.extend(
-                repos
-                    .iter()
-                    .filter_map(|r| r.strip_prefix(&prefix))
-                    .filter(|rest| !rest.contains('/'))
-                    .filter_map(|rest| PodName::new(rest).ok()),
-            );
-        }
         // A repository whose tags were all deleted stays in the catalog, and other artifacts may
         // share the namespace: keep repositories whose latest version is a podfs manifest (the
         // manifest is cached, so reading the pod next costs nothing more).
         let mut pods = Vec::new();
-        for pod in candidates {
+        for pod in self.catalog_pods().await? {
             let Some(&latest) = self.list_versions(&pod).await?.last() else {
                 continue;
             };
@@ -772,28 +448,28 @@ impl Remote for OrasRemote {
     }
 
     async fn list_versions(&self, pod: &PodName) -> RemoteResult<Vec<u64>> {
-        let repo = self.repo(pod)?;
         let mut versions: Vec<u64> = self
-            .tags(&repo)
+            .tags(pod)
             .await?
             .iter()
             .filter(|t| !t.starts_with('0') && t.bytes().all(|b| b.is_ascii_digit()))
             .filter_map(|t| t.parse().ok())
             .collect();
         versions.sort_unstable();
-        versions.dedup();
         Ok(versions)
     }
 
     async fn read_version(&self, pod: &PodName, version: u64) -> RemoteResult<Bytes> {
         let manifest = self.pod_manifest(pod, version).await?;
-        let repo = self.repo(pod)?;
+        let r = self
+            .reference(pod, &version.to_string(), RegistryOperation::Pull)
+            .await?;
         // parse_pod_manifest checked that layer 0 exists and is the version zip.
-        let layer = manifest.layers.first().ok_or_else(|| {
-            self.registry
-                .other(format!("{repo}:{version} has no layers"))
-        })?;
-        self.blob_bytes(&repo, layer).await
+        let layer = manifest
+            .layers
+            .first()
+            .ok_or_else(|| self.registry.other(format!("{r} has no layers")))?;
+        self.blob_bytes(&r, layer).await
     }
 
     async fn read_state(
@@ -804,15 +480,15 @@ impl Remote for OrasRemote {
         range: Range<u64>,
     ) -> RemoteResult<Bytes> {
         let manifest = self.pod_manifest(pod, via).await?;
-        let repo = self.repo(pod)?;
         let title = object_name(pod, ObjectKind::State, state);
         let layer = manifest
             .layers
             .iter()
             .find(|l| title_of(l) == Some(title.as_str()))
             .ok_or_else(|| {
-                self.not_found(format!(
-                    "state object {state} of pod {pod:?} (no layer {title} in version {via})"
+                RemoteError::NotFound(format!(
+                    "state object {state} of pod {pod:?} (no layer {title} in version {via}) on remote {:?}",
+                    self.name
                 ))
             })?;
         let size = u64::try_from(layer.size).unwrap_or(0);
@@ -825,25 +501,17 @@ impl Remote for OrasRemote {
         if range.is_empty() {
             return Ok(Bytes::new());
         }
-        if range.end - range.start > SMALL_READ {
-            return self.fetch_range(&repo, layer, &title, range).await;
-        }
-        // Small reads (a load reads small files one by one, in blob order) are served from
-        // aligned blocks: one request per block instead of one per file.
-        let (first, last) = (range.start / BLOCK, (range.end - 1) / BLOCK);
-        let mut out = BytesMut::with_capacity((range.end - range.start) as usize);
-        for idx in first..=last {
-            let block = self.block(&repo, layer, &title, idx, size).await?;
-            let block_start = idx * BLOCK;
-            let from = range.start.max(block_start) - block_start;
-            let to = range.end.min(block_start + block.len() as u64) - block_start;
-            out.extend_from_slice(&block[from as usize..to as usize]);
-        }
-        Ok(out.freeze())
+        let r = self
+            .reference(pod, &via.to_string(), RegistryOperation::Pull)
+            .await?;
+        self.fetch_range(&r, layer, &title, range).await
     }
 
     async fn put_state(&self, pod: &PodName, version: u64, file: &Path) -> RemoteResult<()> {
-        let repo = self.repo(pod)?;
+        let r = self
+            .reference(pod, &version.to_string(), RegistryOperation::Push)
+            .await?;
+        self.registry.login(&r, RegistryOperation::Pull).await?;
         let path = file.to_owned();
         let (digest, size) = tokio::task::spawn_blocking(move || file_digest(&path))
             .await
@@ -852,8 +520,7 @@ impl Remote for OrasRemote {
                 source: std::io::Error::other(e),
             })?
             .map_err(RemoteError::io(format!("hashing {}", file.display())))?;
-        self.push_blob(&repo, &digest, size, BlobSource::File(file.to_owned()))
-            .await?;
+        self.push_blob(&r, &digest, size, Blob::File(file)).await?;
         let layer = descriptor(
             STATE_MEDIA_TYPE,
             digest,
@@ -872,15 +539,17 @@ impl Remote for OrasRemote {
         states: &[u64],
         parent: Option<u64>,
     ) -> RemoteResult<()> {
-        let repo = self.repo(pod)?;
-        let scope = push_scope(&repo);
+        let r = self
+            .reference(pod, &version.to_string(), RegistryOperation::Push)
+            .await?;
+        self.registry.login(&r, RegistryOperation::Pull).await?;
         let taken = |d: &str| {
             RemoteError::AlreadyExists(format!(
-                "version {version} of pod {pod:?} on remote {:?} (tag {repo}:{version} is {d})",
+                "version {version} of pod {pod:?} on remote {:?} (tag {r} is {d})",
                 self.name
             ))
         };
-        if let Some(d) = self.tag_digest(&repo, version, &scope).await? {
+        if let Some(d) = self.tag_digest(&r).await? {
             return Err(taken(&d));
         }
         let version_layer = descriptor(
@@ -899,51 +568,37 @@ impl Remote for OrasRemote {
         })?;
         let body_digest = sha256_digest(&body);
 
+        let config = Bytes::from_static(EMPTY_CONFIG);
         self.push_blob(
-            &repo,
+            &r,
             EMPTY_CONFIG_DIGEST,
-            EMPTY_CONFIG.len() as u64,
-            BlobSource::Memory(Bytes::from_static(EMPTY_CONFIG)),
+            config.len() as u64,
+            Blob::Bytes(config),
         )
         .await?;
-        self.push_blob(
-            &repo,
-            &version_layer.digest,
-            version_zip.len() as u64,
-            BlobSource::Memory(version_zip),
-        )
-        .await?;
+        let size = version_zip.len() as u64;
+        self.push_blob(&r, &version_layer.digest, size, Blob::Bytes(version_zip))
+            .await?;
 
         // Registries have no conditional tag write: check again right before, verify after.
-        if let Some(d) = self.tag_digest(&repo, version, &scope).await? {
+        if let Some(d) = self.tag_digest(&r).await? {
             return Err(taken(&d));
         }
-        let what = format!("pushing the manifest of {repo}:{version}");
-        let url = self
-            .registry
-            .url(&format!("/v2/{repo}/manifests/{version}"));
         let body = Bytes::from(body);
-        let resp = self
-            .registry
-            .send(&what, &scope, &|c| {
-                ready(
-                    c.put(&url)
-                        .header(CONTENT_TYPE, OCI_IMAGE_MEDIA_TYPE)
-                        .body(body.clone()),
-                )
+        let content_type = reqwest::header::HeaderValue::from_static(OCI_IMAGE_MEDIA_TYPE);
+        self.registry
+            .call(&format!("pushing the manifest of {r}"), || {
+                self.registry
+                    .oci
+                    .push_manifest_raw(&r, body.clone(), content_type.clone())
             })
             .await?;
-        let status = resp.status();
-        if !status.is_success() {
-            let text = resp.text().await.unwrap_or_default();
-            return Err(self.unexpected(&what, status, &text));
-        }
-        match self.tag_digest(&repo, version, &scope).await? {
+        match self.tag_digest(&r).await? {
             Some(d) if d == body_digest => {}
             Some(d) => return Err(taken(&d)),
             None => {
                 return Err(self.registry.other(format!(
-                    "{what}: the registry accepted it but tag {version} is missing"
+                    "pushing the manifest of {r}: the registry accepted it but the tag is missing"
                 )));
             }
         }
@@ -953,28 +608,36 @@ impl Remote for OrasRemote {
     }
 
     async fn delete_version(&self, pod: &PodName, version: u64) -> RemoteResult<()> {
-        let repo = self.repo(pod)?;
-        let scope = format!("repository:{repo}:pull,delete");
         lock(&self.manifests).remove(&(pod.clone(), version));
+        let r = self
+            .reference(pod, &version.to_string(), RegistryOperation::Pull)
+            .await?;
         // distribution cannot delete by tag: resolve the digest, delete the manifest.
-        let Some(digest) = self.tag_digest(&repo, version, &scope).await? else {
+        let Some(digest) = self.tag_digest(&r).await? else {
             return Ok(());
         };
-        let what = format!("deleting {repo}:{version} ({digest})");
-        let url = self.registry.url(&format!("/v2/{repo}/manifests/{digest}"));
-        let resp = self
+        let repo = r.repository();
+        let what = format!("deleting {r} ({digest})");
+        let path = format!("/v2/{repo}/manifests/{digest}");
+        let scope = format!("repository:{repo}:pull,delete");
+        let (status, body) = self
             .registry
-            .send(&what, &scope, &|c| ready(c.delete(&url)))
+            .call(&what, || async {
+                let resp = self
+                    .registry
+                    .send_scoped(Method::DELETE, &path, &scope)
+                    .await?;
+                Ok((resp.status(), resp.text().await.unwrap_or_default()))
+            })
             .await?;
-        match resp.status() {
+        match status {
             s if s.is_success() || s == StatusCode::NOT_FOUND => Ok(()),
             StatusCode::METHOD_NOT_ALLOWED => Err(self.registry.other(format!(
                 "{what}: the registry does not allow deletes (distribution: storage.delete.enabled)"
             ))),
-            s => {
-                let body = resp.text().await.unwrap_or_default();
-                Err(self.unexpected(&what, s, &body))
-            }
+            s => Err(self
+                .registry
+                .other(format!("{what}: unexpected HTTP {s}: {}", body.trim()))),
         }
     }
 
@@ -1012,78 +675,6 @@ impl Remote for OrasRemote {
 mod tests {
     use super::*;
 
-    fn layer(i: u64) -> OciDescriptor {
-        descriptor(
-            STATE_MEDIA_TYPE,
-            sha256_digest(&i.to_le_bytes()),
-            1000,
-            format!("localstack-pod-some-pod-state-{i}.zip"),
-        )
-    }
-
-    #[test]
-    fn empty_config_digest_is_right() {
-        assert_eq!(sha256_digest(EMPTY_CONFIG), EMPTY_CONFIG_DIGEST);
-    }
-
-    #[test]
-    fn manifests_round_trip_and_are_recognised() {
-        let mut layers = vec![descriptor(
-            VERSION_MEDIA_TYPE,
-            sha256_digest(b"v"),
-            1,
-            "localstack-pod-p-version-1.zip".into(),
-        )];
-        layers.push(layer(1));
-        let body = encode_manifest(&build_manifest(layers)).unwrap();
-        let text = String::from_utf8(body.clone()).unwrap();
-        assert!(
-            text.contains("\"artifactType\":\"application/vnd.podfs.pod.v1\""),
-            "{text}"
-        );
-        assert!(text.contains(EMPTY_CONFIG_DIGEST));
-        let m = parse_pod_manifest(&body, "").unwrap();
-        assert_eq!(
-            title_of(&m.layers[1]),
-            Some("localstack-pod-some-pod-state-1.zip")
-        );
-
-        let other = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.unknown.config.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","size":2},"layers":[]}"#;
-        let err = parse_pod_manifest(other, "").unwrap_err();
-        assert!(
-            err.contains("artifactType \"application/vnd.unknown.config.v1+json\""),
-            "{err}"
-        );
-        let err = parse_pod_manifest(
-            b"{\"manifests\":[]}",
-            "application/vnd.oci.image.index.v1+json",
-        )
-        .unwrap_err();
-        assert!(err.contains("manifest type"), "{err}");
-    }
-
-    #[test]
-    fn oversized_manifests_are_refused_before_pushing() {
-        // About 250 bytes per layer: 20,000 state layers exceed 4 MiB.
-        let layers: Vec<_> = (1..=20_000).map(layer).collect();
-        let err = encode_manifest(&build_manifest(layers)).unwrap_err();
-        assert!(err.contains("over the 4 MiB limit"), "{err}");
-        let layers: Vec<_> = (1..=100).map(layer).collect();
-        assert!(encode_manifest(&build_manifest(layers)).is_ok());
-    }
-
-    #[test]
-    fn block_cache_shares_slots_and_evicts_the_oldest() {
-        let mut c = BlockCache::default();
-        let a = c.entry("sha256:a".into(), 0);
-        assert!(Arc::ptr_eq(&a, &c.entry("sha256:a".into(), 0)));
-        for i in 1..=BLOCKS as u64 {
-            c.entry("sha256:b".into(), i);
-        }
-        assert_eq!(c.cells.len(), BLOCKS);
-        assert!(!Arc::ptr_eq(&a, &c.entry("sha256:a".into(), 0)));
-    }
-
     #[test]
     fn debug_output_hides_the_password() {
         let url = OrasUrl {
@@ -1100,15 +691,5 @@ mod tests {
             "{dbg}"
         );
         assert!(!dbg.contains("hunter2"), "{dbg}");
-    }
-
-    #[test]
-    fn repository_components() {
-        for ok in ["p", "my-pod", "a--b", "a_b", "a__b", "pod1", "0"] {
-            assert!(is_repo_component(ok), "{ok}");
-        }
-        for bad in ["My-Pod", "-a", "a-", "_a", "a___b", "a_-b", ""] {
-            assert!(!is_repo_component(bad), "{bad}");
-        }
     }
 }
