@@ -5,6 +5,7 @@
 //! module tree: each backend classifies them into [`RemoteError`].
 
 pub mod file;
+pub mod memory;
 pub mod oras;
 pub mod s3;
 

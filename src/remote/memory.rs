@@ -1,0 +1,237 @@
+//! An in-memory [`Remote`] and a fault injector around any remote, for tests of the pod layer.
+//!
+//! [`MemoryRemote`] keeps objects in a map with the same only-if-absent rules as the real
+//! backends. [`FaultyRemote`] forwards to another remote but fails chosen calls, so the conflict
+//! and failure paths of save and load can be tested deterministically.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use super::{ObjectKind, Remote, RemoteError, RemoteResult, object_name, parse_object_name};
+use crate::pod::PodName;
+
+/// Objects in memory, keyed by object name.
+#[derive(Debug, Default)]
+pub struct MemoryRemote {
+    objects: Mutex<BTreeMap<String, Bytes>>,
+}
+
+impl MemoryRemote {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Bytes>> {
+        // A panic while holding the lock leaves the map consistent (single inserts/removes).
+        self.objects.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Object names, sorted.
+    pub fn names(&self) -> Vec<String> {
+        self.lock().keys().cloned().collect()
+    }
+
+    fn numbers(&self, pod: &PodName, kind: ObjectKind) -> Vec<u64> {
+        self.lock()
+            .keys()
+            .filter_map(|k| parse_object_name(k))
+            .filter(|(p, k, _)| p == pod && *k == kind)
+            .map(|(_, _, n)| n)
+            .collect()
+    }
+
+    fn create(&self, name: String, bytes: Bytes) -> RemoteResult<()> {
+        let mut map = self.lock();
+        if map.contains_key(&name) {
+            return Err(RemoteError::AlreadyExists(name));
+        }
+        map.insert(name, bytes);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Remote for MemoryRemote {
+    fn name(&self) -> &str {
+        "memory"
+    }
+
+    async fn list_pods(&self) -> RemoteResult<Vec<PodName>> {
+        let mut pods: Vec<PodName> = self
+            .lock()
+            .keys()
+            .filter_map(|k| parse_object_name(k))
+            .filter(|(_, k, _)| *k == ObjectKind::Version)
+            .map(|(p, _, _)| p)
+            .collect();
+        pods.dedup();
+        Ok(pods)
+    }
+
+    async fn list_versions(&self, pod: &PodName) -> RemoteResult<Vec<u64>> {
+        let mut v = self.numbers(pod, ObjectKind::Version);
+        v.sort_unstable();
+        Ok(v)
+    }
+
+    async fn list_states(&self, pod: &PodName) -> RemoteResult<Vec<u64>> {
+        let mut v = self.numbers(pod, ObjectKind::State);
+        v.sort_unstable();
+        Ok(v)
+    }
+
+    async fn read_version(&self, pod: &PodName, version: u64) -> RemoteResult<Bytes> {
+        let name = object_name(pod, ObjectKind::Version, version);
+        self.lock()
+            .get(&name)
+            .cloned()
+            .ok_or(RemoteError::NotFound(name))
+    }
+
+    async fn read_state(
+        &self,
+        pod: &PodName,
+        _via: u64,
+        state: u64,
+        range: Range<u64>,
+    ) -> RemoteResult<Bytes> {
+        let name = object_name(pod, ObjectKind::State, state);
+        let bytes = self
+            .lock()
+            .get(&name)
+            .cloned()
+            .ok_or(RemoteError::NotFound(name))?;
+        let len = bytes.len() as u64;
+        let (a, b) = (range.start.min(len), range.end.min(len));
+        Ok(bytes.slice(a as usize..b as usize))
+    }
+
+    async fn put_state(&self, pod: &PodName, version: u64, file: &Path) -> RemoteResult<()> {
+        let bytes = std::fs::read(file).map_err(RemoteError::io(file.display().to_string()))?;
+        self.create(object_name(pod, ObjectKind::State, version), bytes.into())
+    }
+
+    async fn commit_version(
+        &self,
+        pod: &PodName,
+        version: u64,
+        version_zip: Bytes,
+        _states: &[u64],
+        _parent: Option<u64>,
+    ) -> RemoteResult<()> {
+        self.create(object_name(pod, ObjectKind::Version, version), version_zip)
+    }
+
+    async fn delete_version(&self, pod: &PodName, version: u64) -> RemoteResult<()> {
+        self.lock()
+            .remove(&object_name(pod, ObjectKind::Version, version));
+        Ok(())
+    }
+
+    async fn delete_state(&self, pod: &PodName, state: u64) -> RemoteResult<()> {
+        self.lock()
+            .remove(&object_name(pod, ObjectKind::State, state));
+        Ok(())
+    }
+}
+
+/// A call of the [`Remote`] trait, for [`FaultyRemote`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Call {
+    ReadState,
+    PutState,
+    CommitVersion,
+}
+
+/// Makes the error a fault returns.
+pub type MakeError = fn() -> RemoteError;
+
+/// Forwards to `inner`, failing chosen calls with chosen errors.
+#[derive(Debug)]
+pub struct FaultyRemote {
+    inner: Arc<dyn Remote>,
+    /// Pending faults: the next call of that kind fails with the error the function makes.
+    faults: Mutex<Vec<(Call, MakeError)>>,
+}
+
+impl FaultyRemote {
+    pub fn new(inner: Arc<dyn Remote>) -> Self {
+        Self {
+            inner,
+            faults: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Makes the next `call` fail with `err()`. Faults for one call are used in order.
+    pub fn fail_next(&self, call: Call, err: MakeError) {
+        self.faults
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((call, err));
+    }
+
+    fn take(&self, call: Call) -> RemoteResult<()> {
+        let mut faults = self.faults.lock().unwrap_or_else(|e| e.into_inner());
+        match faults.iter().position(|(c, _)| *c == call) {
+            Some(i) => Err((faults.remove(i).1)()),
+            None => Ok(()),
+        }
+    }
+}
+
+#[async_trait]
+impl Remote for FaultyRemote {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    async fn list_pods(&self) -> RemoteResult<Vec<PodName>> {
+        self.inner.list_pods().await
+    }
+    async fn list_versions(&self, pod: &PodName) -> RemoteResult<Vec<u64>> {
+        self.inner.list_versions(pod).await
+    }
+    async fn list_states(&self, pod: &PodName) -> RemoteResult<Vec<u64>> {
+        self.inner.list_states(pod).await
+    }
+    async fn read_version(&self, pod: &PodName, version: u64) -> RemoteResult<Bytes> {
+        self.inner.read_version(pod, version).await
+    }
+    async fn read_state(
+        &self,
+        pod: &PodName,
+        via: u64,
+        state: u64,
+        range: Range<u64>,
+    ) -> RemoteResult<Bytes> {
+        self.take(Call::ReadState)?;
+        self.inner.read_state(pod, via, state, range).await
+    }
+    async fn put_state(&self, pod: &PodName, version: u64, file: &Path) -> RemoteResult<()> {
+        self.take(Call::PutState)?;
+        self.inner.put_state(pod, version, file).await
+    }
+    async fn commit_version(
+        &self,
+        pod: &PodName,
+        version: u64,
+        version_zip: Bytes,
+        states: &[u64],
+        parent: Option<u64>,
+    ) -> RemoteResult<()> {
+        self.take(Call::CommitVersion)?;
+        self.inner
+            .commit_version(pod, version, version_zip, states, parent)
+            .await
+    }
+    async fn delete_version(&self, pod: &PodName, version: u64) -> RemoteResult<()> {
+        self.inner.delete_version(pod, version).await
+    }
+    async fn delete_state(&self, pod: &PodName, state: u64) -> RemoteResult<()> {
+        self.inner.delete_state(pod, state).await
+    }
+}

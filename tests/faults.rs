@@ -1,0 +1,147 @@
+//! The conflict and failure paths of save and load, driven deterministically through the
+//! in-memory remote and the fault injector.
+
+mod support;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use podfs::pod::load::{Strategy, load};
+use podfs::pod::save::{SaveParams, save};
+use podfs::pod::{PodError, PodName};
+use podfs::progress::{NoProgress, Progress};
+use podfs::remote::memory::{Call, FaultyRemote, MemoryRemote};
+use podfs::remote::{Remote, RemoteError};
+
+struct Fixture {
+    tmp: tempfile::TempDir,
+    memory: Arc<MemoryRemote>,
+    faulty: Arc<FaultyRemote>,
+    remote: Arc<dyn Remote>,
+    pod: PodName,
+    progress: Arc<dyn Progress>,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("src");
+        std::fs::create_dir_all(src.join("d")).unwrap();
+        std::fs::write(src.join("small"), "small file").unwrap();
+        std::fs::write(src.join("d/big"), vec![7u8; 3 << 20]).unwrap();
+        let memory = Arc::new(MemoryRemote::new());
+        let faulty = Arc::new(FaultyRemote::new(memory.clone()));
+        Self {
+            tmp,
+            remote: faulty.clone(),
+            memory,
+            faulty,
+            pod: PodName::new("p").unwrap(),
+            progress: Arc::new(NoProgress),
+        }
+    }
+    fn src(&self) -> std::path::PathBuf {
+        self.tmp.path().join("src")
+    }
+    async fn save(&self) -> Result<Option<u64>, PodError> {
+        let params = SaveParams {
+            staging_dir: self.tmp.path().join("staging"),
+            ..SaveParams::default()
+        };
+        save(
+            &self.remote,
+            &self.pod,
+            &self.src(),
+            &params,
+            &self.progress,
+        )
+        .await
+        .map(|o| o.version)
+    }
+    async fn load(&self, version: Option<u64>, into: &Path) -> Result<(), PodError> {
+        load(
+            &self.remote,
+            &self.pod,
+            version,
+            into,
+            Strategy::Merge,
+            false,
+            &self.progress,
+        )
+        .await
+        .map(|_| ())
+    }
+}
+
+fn taken() -> RemoteError {
+    RemoteError::AlreadyExists("taken by another writer".into())
+}
+fn down() -> RemoteError {
+    RemoteError::Unavailable {
+        remote: "memory".into(),
+        detail: "connection refused".into(),
+    }
+}
+
+#[tokio::test]
+async fn a_taken_state_number_moves_the_save_to_the_next_number() {
+    let f = Fixture::new();
+    f.faulty.fail_next(Call::PutState, taken);
+    assert_eq!(f.save().await.unwrap(), Some(2));
+    assert_eq!(f.remote.list_versions(&f.pod).await.unwrap(), [2]);
+    let into = f.tmp.path().join("into");
+    f.load(None, &into).await.unwrap();
+    support::assert_same_tree(&f.src(), &into);
+}
+
+#[tokio::test]
+async fn a_taken_version_number_renumbers_the_snapshot_and_removes_its_state() {
+    let f = Fixture::new();
+    f.faulty.fail_next(Call::CommitVersion, taken);
+    assert_eq!(f.save().await.unwrap(), Some(2));
+    // The state object uploaded as 1 was removed; the version points into state 2 only.
+    assert_eq!(
+        f.memory.names(),
+        [
+            "localstack-pod-p-state-2.zip",
+            "localstack-pod-p-version-2.zip"
+        ]
+    );
+    let into = f.tmp.path().join("into");
+    f.load(Some(2), &into).await.unwrap();
+    support::assert_same_tree(&f.src(), &into);
+}
+
+#[tokio::test]
+async fn a_failed_commit_leaves_no_version_and_the_next_save_succeeds() {
+    let f = Fixture::new();
+    f.faulty.fail_next(Call::CommitVersion, down);
+    let err = f.save().await.unwrap_err();
+    assert!(err.to_string().contains("unavailable"), "{err}");
+    assert!(f.remote.list_versions(&f.pod).await.unwrap().is_empty());
+    // The orphaned state object 1 is garbage, not a version: the next save skips its number.
+    assert_eq!(f.save().await.unwrap(), Some(2));
+    let into = f.tmp.path().join("into");
+    f.load(None, &into).await.unwrap();
+    support::assert_same_tree(&f.src(), &into);
+}
+
+#[tokio::test]
+async fn a_failed_read_leaves_no_partial_files() {
+    let f = Fixture::new();
+    assert_eq!(f.save().await.unwrap(), Some(1));
+    let into = f.tmp.path().join("into");
+    f.faulty.fail_next(Call::ReadState, down);
+    let err = f.load(None, &into).await.unwrap_err();
+    assert!(err.to_string().contains("connection refused"), "{err}");
+    // Files that finished before the failure are whole; nothing else is there.
+    let source = support::snapshot(&f.src());
+    for (path, node) in support::snapshot(&into) {
+        if matches!(node, support::Node::File { .. }) {
+            assert_eq!(source.get(&path), Some(&node), "{path} is partial");
+        }
+    }
+    // With the fault gone, the same load completes.
+    f.load(None, &into).await.unwrap();
+    support::assert_same_tree(&f.src(), &into);
+}
