@@ -121,9 +121,9 @@ pub async fn save(ctx: &Context, args: SaveArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else if let Some(v) = out.version {
         println!(
-            "Saved version {v} of pod {pod} on remote {}: {} files, {}; {} new or changed, {} stored",
+            "Saved version {v} of pod {pod} on remote {}: {}, {}; {} new or changed, {} stored",
             args.remote,
-            out.file_count,
+            plural(out.file_count, "file"),
             human_bytes(out.logical_bytes),
             out.changed_files,
             human_bytes(out.stored_bytes)
@@ -281,10 +281,10 @@ pub async fn inspect(ctx: &Context, pod: &PodRef, remote_name: &str, as_json: bo
     }
     let i = &obj.info;
     println!(
-        "pod {} version {} on remote {remote_name}: {} files, {}, created {}{}",
+        "pod {} version {} on remote {remote_name}: {}, {}, created {}{}",
         i.pod,
         i.version,
-        i.file_count,
+        plural(i.file_count, "file"),
         human_bytes(i.logical_bytes),
         i.created_at,
         if i.message.is_empty() {
@@ -321,15 +321,15 @@ pub async fn delete(ctx: &Context, pod: &PodRef, remote_name: &str) -> Result<()
     let out = crate::pod::delete::delete(&remote, &pod.pod, pod.version).await?;
     match pod.version {
         Some(v) => println!(
-            "Deleted version {v} of pod {} on remote {remote_name} ({} state objects removed, {} kept: still used by other versions)",
+            "Deleted version {v} of pod {} on remote {remote_name} ({} removed, {} kept: still used by other versions)",
             pod.pod,
-            out.states_removed.len(),
+            plural(out.states_removed.len() as u64, "state object"),
             out.states_kept.len()
         ),
         None => println!(
-            "Deleted pod {} on remote {remote_name} ({} versions)",
+            "Deleted pod {} on remote {remote_name} ({})",
             pod.pod,
-            out.versions.len()
+            plural(out.versions.len() as u64, "version")
         ),
     }
     Ok(())
@@ -355,6 +355,15 @@ pub fn check_not_volume(ctx: &Context, dir: &Path) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// `1 file`, `2 files`.
+fn plural(n: u64, word: &str) -> String {
+    if n == 1 {
+        format!("1 {word}")
+    } else {
+        format!("{n} {word}s")
+    }
 }
 
 /// `1.5 MiB`-style sizes.
