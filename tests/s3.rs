@@ -6,12 +6,13 @@ mod support;
 use std::io::Write;
 use std::path::Path;
 use std::process::Stdio;
+use std::sync::Arc;
 
 use podfs::config::resolve_with;
 use podfs::pod::PodName;
 use podfs::remote::{OpenParams, open};
 use support::moto::{DyingProxy, KEY_ID, Moto, SECRET};
-use support::{Podfs, assert_same_tree};
+use support::{Counter, Podfs, assert_same_tree};
 
 /// The smallest part size S3 accepts, so modest files take the multipart path.
 const SMALL_PARTS: &str = "part_size=5242880";
@@ -542,8 +543,8 @@ fn backend_reads_writes_and_conditions() {
     write(&work.path().join("small-state"), &small_state);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let resolved =
-            resolve_with("edge", &url("edge-bucket", "&region=eu-west-1"), |_| None).unwrap();
+        let extra = format!("&region=eu-west-1&{SMALL_PARTS}");
+        let resolved = resolve_with("edge", &url("edge-bucket", &extra), |_| None).unwrap();
         let remote = open("edge", &resolved, &OpenParams::default())
             .await
             .unwrap();
@@ -554,12 +555,23 @@ fn backend_reads_writes_and_conditions() {
         );
 
         // The first write creates the bucket in the URL's region.
+        let counter = Arc::new(Counter::default());
         remote
-            .put_state(&pod, 1, &work.path().join("small-state"))
+            .put_state(&pod, 1, &work.path().join("small-state"), counter.clone())
             .await
             .unwrap();
+        assert_eq!(counter.total(), 3000, "progress counts the bytes sent");
+        // A multipart upload advances the progress part by part, to the whole size.
+        let parts = noise(11 << 20, 23);
+        write(&work.path().join("parts-state"), &parts);
+        let counter = Arc::new(Counter::default());
+        remote
+            .put_state(&pod, 9, &work.path().join("parts-state"), counter.clone())
+            .await
+            .unwrap();
+        assert_eq!(counter.total(), 11 << 20);
         let err = remote
-            .put_state(&pod, 1, &work.path().join("small-state"))
+            .put_state(&pod, 1, &work.path().join("small-state"), counter.clone())
             .await
             .unwrap_err();
         assert!(

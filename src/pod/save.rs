@@ -151,7 +151,9 @@ pub async fn save(
     for _ in 0..MAX_ATTEMPTS {
         if has_state {
             progress.start("uploading", outcome.stored_bytes);
-            let put = remote.put_state(pod, n, staged.path()).await;
+            let put = remote
+                .put_state(pod, n, staged.path(), Arc::clone(progress))
+                .await;
             progress.finish();
             match put {
                 Ok(()) => {}

@@ -10,12 +10,14 @@ use std::io;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::{ObjectKind, Remote, RemoteError, RemoteResult, object_name, parse_object_name};
 use crate::pod::PodName;
+use crate::progress::Progress;
 
 #[derive(Debug)]
 pub struct FileRemote {
@@ -200,10 +202,17 @@ impl Remote for FileRemote {
         .await
     }
 
-    async fn put_state(&self, pod: &PodName, version: u64, file: &Path) -> RemoteResult<()> {
+    async fn put_state(
+        &self,
+        pod: &PodName,
+        version: u64,
+        file: &Path,
+        progress: Arc<dyn Progress>,
+    ) -> RemoteResult<()> {
         let dest = self.path(pod, ObjectKind::State, version);
         let src = file.to_owned();
-        blocking(move || {
+        let size = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
+        let put = blocking(move || {
             if dest.exists() {
                 return Err(RemoteError::AlreadyExists(dest.display().to_string()));
             }
@@ -234,7 +243,11 @@ impl Remote for FileRemote {
             })?;
             link_if_absent(&tmp_path, &dest)
         })
-        .await
+        .await;
+        if put.is_ok() {
+            progress.advance(size);
+        }
+        put
     }
 
     async fn commit_version(

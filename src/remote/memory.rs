@@ -14,6 +14,7 @@ use bytes::Bytes;
 
 use super::{ObjectKind, Remote, RemoteError, RemoteResult, object_name, parse_object_name};
 use crate::pod::PodName;
+use crate::progress::Progress;
 
 /// Objects in memory, keyed by object name.
 #[derive(Debug, Default)]
@@ -111,9 +112,18 @@ impl Remote for MemoryRemote {
         Ok(bytes.slice(a as usize..b as usize))
     }
 
-    async fn put_state(&self, pod: &PodName, version: u64, file: &Path) -> RemoteResult<()> {
+    async fn put_state(
+        &self,
+        pod: &PodName,
+        version: u64,
+        file: &Path,
+        progress: Arc<dyn Progress>,
+    ) -> RemoteResult<()> {
         let bytes = std::fs::read(file).map_err(RemoteError::io(file.display().to_string()))?;
-        self.create(object_name(pod, ObjectKind::State, version), bytes.into())
+        let len = bytes.len() as u64;
+        self.create(object_name(pod, ObjectKind::State, version), bytes.into())?;
+        progress.advance(len);
+        Ok(())
     }
 
     async fn commit_version(
@@ -211,9 +221,15 @@ impl Remote for FaultyRemote {
         self.take(Call::ReadState)?;
         self.inner.read_state(pod, via, state, range).await
     }
-    async fn put_state(&self, pod: &PodName, version: u64, file: &Path) -> RemoteResult<()> {
+    async fn put_state(
+        &self,
+        pod: &PodName,
+        version: u64,
+        file: &Path,
+        progress: Arc<dyn Progress>,
+    ) -> RemoteResult<()> {
         self.take(Call::PutState)?;
-        self.inner.put_state(pod, version, file).await
+        self.inner.put_state(pod, version, file, progress).await
     }
     async fn commit_version(
         &self,

@@ -18,6 +18,7 @@ use bytes::Bytes;
 
 use crate::config::RemoteUrl;
 use crate::pod::PodName;
+use crate::progress::Progress;
 
 /// What went wrong talking to a remote, classified so callers can act on it.
 #[derive(Debug, thiserror::Error)]
@@ -79,7 +80,14 @@ pub trait Remote: Send + Sync + std::fmt::Debug {
     /// Stores `file` as state object `version`, only if no state object of that number exists
     /// ([`RemoteError::AlreadyExists`] otherwise). Streams: never holds the whole file in memory.
     /// The caller must not modify `file` afterwards: a backend may link it instead of copying.
-    async fn put_state(&self, pod: &PodName, version: u64, file: &Path) -> RemoteResult<()>;
+    /// `progress` is advanced by the bytes sent (the caller has started it).
+    async fn put_state(
+        &self,
+        pod: &PodName,
+        version: u64,
+        file: &Path,
+        progress: Arc<dyn Progress>,
+    ) -> RemoteResult<()>;
 
     /// Commits version `version` by creating its version object only if absent
     /// ([`RemoteError::AlreadyExists`] when another writer took the number first). `states` are

@@ -45,6 +45,7 @@ use futures::{StreamExt, TryStreamExt};
 use super::{ObjectKind, Remote, RemoteError, RemoteResult, object_name, parse_object_name};
 use crate::config::{ChecksumMode, S3Url};
 use crate::pod::PodName;
+use crate::progress::Progress;
 
 /// Multipart part size when the URL gives none (`part_size=`).
 pub const DEFAULT_PART_SIZE: u64 = 8 << 20;
@@ -451,12 +452,13 @@ impl S3Remote {
     }
 
     /// Uploads `file` (`size` bytes) to `key` as a multipart upload, created only if absent.
-    #[tracing::instrument(level = "debug", skip(self, file), fields(remote = %self.name))]
+    #[tracing::instrument(level = "debug", skip(self, file, progress), fields(remote = %self.name))]
     async fn put_multipart(
         &self,
         key: &str,
         file: &Arc<std::fs::File>,
         size: u64,
+        progress: &dyn Progress,
     ) -> Result<(), WriteFailure> {
         let created = self
             .client
@@ -476,7 +478,9 @@ impl S3Remote {
                 ),
             }));
         };
-        let result = self.upload_parts(key, &upload_id, file, size).await;
+        let result = self
+            .upload_parts(key, &upload_id, file, size, progress)
+            .await;
         if result.is_err() {
             // Best effort: an upload left behind costs storage but is never a visible object.
             if let Err(e) = self
@@ -505,6 +509,7 @@ impl S3Remote {
         upload_id: &str,
         file: &Arc<std::fs::File>,
         size: u64,
+        progress: &dyn Progress,
     ) -> RemoteResult<()> {
         let part_size = self.part_size.max(size.div_ceil(MAX_PARTS));
         let count = size.div_ceil(part_size);
@@ -529,6 +534,7 @@ impl S3Remote {
                         .send()
                         .await
                         .map_err(|e| self.classify(e, key))?;
+                    progress.advance(len);
                     Ok::<_, RemoteError>(
                         CompletedPart::builder()
                             .part_number(number)
@@ -720,7 +726,13 @@ impl Remote for S3Remote {
         Ok(bytes)
     }
 
-    async fn put_state(&self, pod: &PodName, version: u64, file: &Path) -> RemoteResult<()> {
+    async fn put_state(
+        &self,
+        pod: &PodName,
+        version: u64,
+        file: &Path,
+        progress: Arc<dyn Progress>,
+    ) -> RemoteResult<()> {
         let key = self.key(pod, ObjectKind::State, version);
         let context = format!("opening {}", file.display());
         let path = file.to_owned();
@@ -733,9 +745,10 @@ impl Remote for S3Remote {
         let opened = Arc::new(opened);
         if size <= self.part_size {
             let body = pread(&opened, 0, size).await?;
-            return self
-                .with_bucket(|| self.put_small(&key, body.clone()))
-                .await;
+            self.with_bucket(|| self.put_small(&key, body.clone()))
+                .await?;
+            progress.advance(size);
+            return Ok(());
         }
         // The condition is only checked when the upload completes: look first, so a number
         // taken by another writer does not cost a whole upload.
@@ -746,7 +759,7 @@ impl Remote for S3Remote {
                 self.name
             )));
         }
-        self.with_bucket(|| self.put_multipart(&key, &opened, size))
+        self.with_bucket(|| self.put_multipart(&key, &opened, size, &*progress))
             .await
     }
 

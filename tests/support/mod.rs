@@ -211,3 +211,22 @@ pub fn wait_for_port(addr: &str, secs: u64) -> bool {
     }
     false
 }
+
+/// A progress reporter that counts the bytes it is advanced by.
+#[derive(Default)]
+pub struct Counter(std::sync::atomic::AtomicU64);
+
+impl Counter {
+    pub fn total(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl podfs::progress::Progress for Counter {
+    fn start(&self, _: &str, _: u64) {}
+    fn advance(&self, bytes: u64) {
+        self.0
+            .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+    fn finish(&self) {}
+}

@@ -39,6 +39,7 @@ pub use layout::{POD_ARTIFACT_TYPE, STATE_MEDIA_TYPE, VERSION_MEDIA_TYPE};
 use super::{ObjectKind, Remote, RemoteError, RemoteResult, object_name, parse_object_name};
 use crate::config::OrasUrl;
 use crate::pod::PodName;
+use crate::progress::Progress;
 
 /// Page size asked of `/v2/_catalog` and tag lists.
 const PAGE: usize = 1000;
@@ -192,8 +193,9 @@ impl OrasRemote {
             .call_upload(&what, size, || async {
                 match &data {
                     Blob::Bytes(bytes) => oci.push_blob(r, bytes.clone(), digest).await,
-                    Blob::File(path) => {
-                        let stream = file_stream(tokio::fs::File::open(path).await?);
+                    Blob::File(path, progress) => {
+                        let file = tokio::fs::File::open(path).await?;
+                        let stream = file_stream(file, Arc::clone(progress));
                         oci.push_blob_stream(r, stream, digest, Some(size)).await
                     }
                 }
@@ -405,18 +407,23 @@ impl OrasRemote {
 /// Where the bytes of a blob to upload are.
 enum Blob<'a> {
     Bytes(Bytes),
-    /// Read streaming, reopened for each attempt.
-    File(&'a Path),
+    /// Read streaming, reopened for each attempt; the progress is advanced as it is read.
+    File(&'a Path, Arc<dyn Progress>),
 }
 
 /// `file` as a stream of 1 MiB pieces, for oci-client's streamed upload.
 fn file_stream(
     file: tokio::fs::File,
+    progress: Arc<dyn Progress>,
 ) -> impl futures::Stream<Item = Result<Bytes, oci_client::errors::OciDistributionError>> + Send {
-    futures::stream::try_unfold(file, |mut f| async move {
-        let mut buf = BytesMut::with_capacity(1 << 20);
-        let n = tokio::io::AsyncReadExt::read_buf(&mut f, &mut buf).await?;
-        Ok((n > 0).then(|| (buf.freeze(), f)))
+    futures::stream::try_unfold(file, move |mut f| {
+        let progress = Arc::clone(&progress);
+        async move {
+            let mut buf = BytesMut::with_capacity(1 << 20);
+            let n = tokio::io::AsyncReadExt::read_buf(&mut f, &mut buf).await?;
+            progress.advance(n as u64);
+            Ok((n > 0).then(|| (buf.freeze(), f)))
+        }
     })
 }
 
@@ -507,7 +514,13 @@ impl Remote for OrasRemote {
         self.fetch_range(&r, layer, &title, range).await
     }
 
-    async fn put_state(&self, pod: &PodName, version: u64, file: &Path) -> RemoteResult<()> {
+    async fn put_state(
+        &self,
+        pod: &PodName,
+        version: u64,
+        file: &Path,
+        progress: Arc<dyn Progress>,
+    ) -> RemoteResult<()> {
         let r = self
             .reference(pod, &version.to_string(), RegistryOperation::Push)
             .await?;
@@ -520,7 +533,8 @@ impl Remote for OrasRemote {
                 source: std::io::Error::other(e),
             })?
             .map_err(RemoteError::io(format!("hashing {}", file.display())))?;
-        self.push_blob(&r, &digest, size, Blob::File(file)).await?;
+        self.push_blob(&r, &digest, size, Blob::File(file, progress))
+            .await?;
         let layer = descriptor(
             STATE_MEDIA_TYPE,
             digest,
