@@ -4,7 +4,6 @@
 //! directory, synced, then hard-linked to its final name (`link` fails with `EEXIST` instead of
 //! replacing), so a crashed save leaves at most a `.tmp-*` file and never a partial object.
 
-use std::collections::BTreeSet;
 use std::fs::File;
 use std::io;
 use std::ops::Range;
@@ -15,7 +14,10 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{ObjectKind, Remote, RemoteError, RemoteResult, object_name, parse_object_name};
+use super::{
+    ObjectId, ObjectKind, Remote, RemoteError, RemoteResult, numbers_among, object_name,
+    parse_object_name, pods_among,
+};
 use crate::pod::PodName;
 use crate::progress::Progress;
 
@@ -38,7 +40,7 @@ impl FileRemote {
     }
 
     /// Every parsed object name in the directory; a missing directory is an empty remote.
-    async fn objects(&self) -> RemoteResult<Vec<(PodName, ObjectKind, u64)>> {
+    async fn objects(&self) -> RemoteResult<Vec<ObjectId>> {
         let dir = self.dir.clone();
         blocking(move || {
             let rd = match std::fs::read_dir(&dir) {
@@ -119,38 +121,19 @@ impl Remote for FileRemote {
     }
 
     async fn list_pods(&self) -> RemoteResult<Vec<PodName>> {
-        let pods: BTreeSet<PodName> = self
-            .objects()
-            .await?
-            .into_iter()
-            .filter(|(_, kind, _)| *kind == ObjectKind::Version)
-            .map(|(pod, _, _)| pod)
-            .collect();
-        Ok(pods.into_iter().collect())
+        Ok(pods_among(self.objects().await?))
     }
 
     async fn list_versions(&self, pod: &PodName) -> RemoteResult<Vec<u64>> {
-        let mut v: Vec<u64> = self
-            .objects()
-            .await?
-            .into_iter()
-            .filter(|(p, kind, _)| p == pod && *kind == ObjectKind::Version)
-            .map(|(_, _, n)| n)
-            .collect();
-        v.sort_unstable();
-        Ok(v)
+        Ok(numbers_among(
+            self.objects().await?,
+            pod,
+            ObjectKind::Version,
+        ))
     }
 
     async fn list_states(&self, pod: &PodName) -> RemoteResult<Vec<u64>> {
-        let mut v: Vec<u64> = self
-            .objects()
-            .await?
-            .into_iter()
-            .filter(|(p, kind, _)| p == pod && *kind == ObjectKind::State)
-            .map(|(_, _, n)| n)
-            .collect();
-        v.sort_unstable();
-        Ok(v)
+        Ok(numbers_among(self.objects().await?, pod, ObjectKind::State))
     }
 
     async fn read_version(&self, pod: &PodName, version: u64) -> RemoteResult<Bytes> {

@@ -12,7 +12,10 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{ObjectKind, Remote, RemoteError, RemoteResult, object_name, parse_object_name};
+use super::{
+    ObjectId, ObjectKind, Remote, RemoteError, RemoteResult, numbers_among, object_name,
+    parse_object_name, pods_among,
+};
 use crate::pod::PodName;
 use crate::progress::Progress;
 
@@ -37,12 +40,10 @@ impl MemoryRemote {
         self.lock().keys().cloned().collect()
     }
 
-    fn numbers(&self, pod: &PodName, kind: ObjectKind) -> Vec<u64> {
+    fn objects(&self) -> Vec<ObjectId> {
         self.lock()
             .keys()
             .filter_map(|k| parse_object_name(k))
-            .filter(|(p, k, _)| p == pod && *k == kind)
-            .map(|(_, _, n)| n)
             .collect()
     }
 
@@ -63,27 +64,15 @@ impl Remote for MemoryRemote {
     }
 
     async fn list_pods(&self) -> RemoteResult<Vec<PodName>> {
-        let mut pods: Vec<PodName> = self
-            .lock()
-            .keys()
-            .filter_map(|k| parse_object_name(k))
-            .filter(|(_, k, _)| *k == ObjectKind::Version)
-            .map(|(p, _, _)| p)
-            .collect();
-        pods.dedup();
-        Ok(pods)
+        Ok(pods_among(self.objects()))
     }
 
     async fn list_versions(&self, pod: &PodName) -> RemoteResult<Vec<u64>> {
-        let mut v = self.numbers(pod, ObjectKind::Version);
-        v.sort_unstable();
-        Ok(v)
+        Ok(numbers_among(self.objects(), pod, ObjectKind::Version))
     }
 
     async fn list_states(&self, pod: &PodName) -> RemoteResult<Vec<u64>> {
-        let mut v = self.numbers(pod, ObjectKind::State);
-        v.sort_unstable();
-        Ok(v)
+        Ok(numbers_among(self.objects(), pod, ObjectKind::State))
     }
 
     async fn read_version(&self, pod: &PodName, version: u64) -> RemoteResult<Bytes> {

@@ -170,6 +170,36 @@ pub fn parse_object_name(name: &str) -> Option<(PodName, ObjectKind, u64)> {
     Some((PodName::new(pod).ok()?, kind, n))
 }
 
+/// A parsed object name: pod, kind, number.
+pub type ObjectId = (PodName, ObjectKind, u64);
+
+/// The pods that have a version object among `objects`, sorted and unique (for backends that
+/// list flat object names).
+pub fn pods_among(objects: impl IntoIterator<Item = ObjectId>) -> Vec<PodName> {
+    let pods: std::collections::BTreeSet<PodName> = objects
+        .into_iter()
+        .filter(|(_, kind, _)| *kind == ObjectKind::Version)
+        .map(|(pod, _, _)| pod)
+        .collect();
+    pods.into_iter().collect()
+}
+
+/// The numbers of `pod`'s objects of `kind` among `objects`, ascending and unique.
+pub fn numbers_among(
+    objects: impl IntoIterator<Item = ObjectId>,
+    pod: &PodName,
+    kind: ObjectKind,
+) -> Vec<u64> {
+    let mut v: Vec<u64> = objects
+        .into_iter()
+        .filter(|(p, k, _)| p == pod && *k == kind)
+        .map(|(_, _, n)| n)
+        .collect();
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

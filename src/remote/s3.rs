@@ -42,7 +42,10 @@ use aws_sdk_s3::types::{
 use bytes::{Bytes, BytesMut};
 use futures::{StreamExt, TryStreamExt};
 
-use super::{ObjectKind, Remote, RemoteError, RemoteResult, object_name, parse_object_name};
+use super::{
+    ObjectId, ObjectKind, Remote, RemoteError, RemoteResult, numbers_among, object_name,
+    parse_object_name, pods_among,
+};
 use crate::config::{ChecksumMode, S3Url};
 use crate::pod::PodName;
 use crate::progress::Progress;
@@ -330,7 +333,7 @@ impl S3Remote {
     /// Every pod object (key relative to the prefix, parsed) whose name starts with `start`;
     /// all pages of ListObjectsV2. A missing bucket is an empty remote.
     #[tracing::instrument(level = "debug", skip(self), fields(remote = %self.name))]
-    async fn list(&self, start: &str) -> RemoteResult<Vec<(PodName, ObjectKind, u64)>> {
+    async fn list(&self, start: &str) -> RemoteResult<Vec<ObjectId>> {
         let prefix = format!("{}{start}", self.prefix);
         let mut out = Vec::new();
         let mut token: Option<String> = None;
@@ -367,16 +370,8 @@ impl S3Remote {
 
     /// Numbers of `pod`'s objects of `kind`, ascending.
     async fn numbers(&self, pod: &PodName, kind: ObjectKind) -> RemoteResult<Vec<u64>> {
-        let mut v: Vec<u64> = self
-            .list(&format!("localstack-pod-{pod}-"))
-            .await?
-            .into_iter()
-            .filter(|(p, k, _)| p == pod && *k == kind)
-            .map(|(_, _, n)| n)
-            .collect();
-        v.sort_unstable();
-        v.dedup();
-        Ok(v)
+        let objects = self.list(&format!("localstack-pod-{pod}-")).await?;
+        Ok(numbers_among(objects, pod, kind))
     }
 
     /// One GET of `key` with an optional `Range` header; returns the body and the object's total
@@ -641,14 +636,7 @@ impl Remote for S3Remote {
     }
 
     async fn list_pods(&self) -> RemoteResult<Vec<PodName>> {
-        let pods: std::collections::BTreeSet<PodName> = self
-            .list("localstack-pod-")
-            .await?
-            .into_iter()
-            .filter(|(_, kind, _)| *kind == ObjectKind::Version)
-            .map(|(pod, _, _)| pod)
-            .collect();
-        Ok(pods.into_iter().collect())
+        Ok(pods_among(self.list("localstack-pod-").await?))
     }
 
     async fn list_versions(&self, pod: &PodName) -> RemoteResult<Vec<u64>> {
