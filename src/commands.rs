@@ -193,10 +193,7 @@ pub async fn load(ctx: &Context, args: LoadArgs) -> Result<()> {
 pub async fn list(ctx: &Context, remote_name: &str, as_json: bool) -> Result<()> {
     let remote = ctx.open_remote(remote_name).await?;
     let mut rows = Vec::new();
-    for pod in remote.list_pods().await? {
-        let Some(&latest) = remote.list_versions(&pod).await?.last() else {
-            continue;
-        };
+    for (pod, latest) in remote.list_pods().await? {
         // One damaged pod must not hide the others.
         match read_info(&remote, &pod, latest).await {
             Ok(info) => rows.push((pod, info)),

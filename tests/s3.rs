@@ -281,7 +281,7 @@ s3.put_object(Bucket="paged-bucket", Key="pods/localstack-pod-many-more-version-
             .await
             .unwrap()
             .iter()
-            .map(|p| p.to_string())
+            .map(|(p, _)| p.to_string())
             .collect();
         assert_eq!(pods, ["many", "many-more"]);
     });

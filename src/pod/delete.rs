@@ -7,7 +7,7 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use super::read::{read_info, resolve_version, versions_of};
+use super::read::{pick_version, read_info, versions_of};
 use super::{PodName, PodResult};
 use crate::remote::Remote;
 
@@ -36,8 +36,8 @@ async fn delete_version(
     pod: &PodName,
     version: u64,
 ) -> PodResult<DeleteOutcome> {
-    let version = resolve_version(remote, pod, Some(version)).await?;
     let versions = versions_of(remote, pod).await?;
+    let version = pick_version(remote, pod, &versions, Some(version))?;
     let doomed = read_info(remote, pod, version).await?;
     let mut still_used = BTreeSet::new();
     for &v in versions.iter().filter(|&&v| v != version) {

@@ -8,7 +8,7 @@
 //! paths, no `..`, no NUL, parents are directories of the pod); an existing symlink or file where
 //! the pod has a directory is replaced, never followed.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -21,7 +21,7 @@ use super::manifest::{DataRef, Entry, Kind, VersionObject};
 use super::read::{
     CHUNK, ReadBudget, copy_file, decode_into, fetch, read_version, resolve_version,
 };
-use super::scan::{Exclude, Scanned, scan};
+use super::scan::{Exclude, scan};
 use super::{PodError, PodName, PodResult, blocking};
 use crate::progress::Progress;
 use crate::remote::{Remote, RemoteError};
@@ -91,7 +91,9 @@ pub async fn load(
     Ok(plan)
 }
 
-fn same(e: &Entry, s: &Scanned) -> bool {
+/// rsync's quick check: the same kind, mode and, for a file, size and mtime; for a symlink,
+/// target. Directory mtimes are not compared (loading into a directory changes them).
+fn same(e: &Entry, s: &Entry) -> bool {
     e.kind == s.kind
         && e.mode == s.mode
         && match e.kind {
@@ -101,31 +103,35 @@ fn same(e: &Entry, s: &Scanned) -> bool {
         }
 }
 
-fn plan(version: u64, obj: &VersionObject, current: &[Scanned], strategy: Strategy) -> LoadPlan {
-    let cur: HashMap<&str, &Scanned> = current.iter().map(|s| (s.path.as_str(), s)).collect();
+fn plan(version: u64, obj: &VersionObject, current: &[Entry], strategy: Strategy) -> LoadPlan {
+    let cur: HashMap<&str, &Entry> = current.iter().map(|s| (s.path.as_str(), s)).collect();
     let mut out = LoadPlan {
         version,
         ..LoadPlan::default()
     };
     for e in &obj.manifest.entries {
-        match cur.get(e.path.as_str()) {
-            None => out.changes.push((e.path.clone(), Action::Add)),
-            Some(s) if same(e, s) => out.unchanged += 1,
-            Some(_) => out.changes.push((e.path.clone(), Action::Change)),
-        }
-        if e.kind == Kind::File && !matches!(cur.get(e.path.as_str()), Some(s) if same(e, s)) {
+        let action = match cur.get(e.path.as_str()) {
+            None => Action::Add,
+            Some(s) if same(e, s) => {
+                out.unchanged += 1;
+                continue;
+            }
+            Some(_) => Action::Change,
+        };
+        out.changes.push((e.path.clone(), action));
+        if e.kind == Kind::File {
             out.bytes += e.size;
         }
     }
     if strategy == Strategy::Overwrite {
-        let wanted: HashMap<&str, ()> = obj
+        let wanted: HashSet<&str> = obj
             .manifest
             .entries
             .iter()
-            .map(|e| (e.path.as_str(), ()))
+            .map(|e| e.path.as_str())
             .collect();
         for s in current {
-            if !wanted.contains_key(s.path.as_str()) {
+            if !wanted.contains(s.path.as_str()) {
                 out.changes.push((s.path.clone(), Action::Remove));
             }
         }

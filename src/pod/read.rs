@@ -68,6 +68,16 @@ pub async fn resolve_version(
     wanted: Option<u64>,
 ) -> PodResult<u64> {
     let versions = versions_of(remote, pod).await?;
+    pick_version(remote, pod, &versions, wanted)
+}
+
+/// Picks `wanted` (or the latest) among `versions`, the pod's listed versions.
+pub fn pick_version(
+    remote: &Arc<dyn Remote>,
+    pod: &PodName,
+    versions: &[u64],
+    wanted: Option<u64>,
+) -> PodResult<u64> {
     match wanted {
         None => Ok(*versions.last().unwrap_or(&0)),
         Some(v) if versions.contains(&v) => Ok(v),

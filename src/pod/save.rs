@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use super::manifest::{DataRef, Entry, FORMAT, Kind, Manifest, VersionInfo, VersionObject};
 use super::read::read_version;
-use super::scan::{Exclude, Scanned, scan};
+use super::scan::{Exclude, scan};
 use super::state::{DEFAULT_COMPRESS_BELOW, StateInput, write_state_zip};
 use super::{PodError, PodName, PodResult, blocking};
 use crate::progress::Progress;
@@ -81,12 +81,12 @@ pub async fn save(
         Some(v) => Some(read_version(remote, pod, v).await?),
         None => None,
     };
-    let plan = Plan::new(&scanned.entries, prev.as_ref().map(|p| &p.manifest));
+    let plan = Plan::new(scanned.entries, prev.as_ref().map(|p| &p.manifest));
     let mut outcome = SaveOutcome {
         version: None,
         previous,
         file_count: plan.file_count,
-        logical_bytes: plan.logical_bytes,
+        logical_bytes: plan.entries.iter().map(|e| e.size).sum(),
         changed_files: plan.to_store.len() as u64,
         stored_bytes: 0,
         skipped: scanned.skipped,
@@ -144,8 +144,9 @@ pub async fn save(
         outcome.stored_bytes = std::fs::metadata(staged.path())
             .map_err(PodError::io(staged.path()))?
             .len();
+        // Sizes are the bytes zipped: a file may have changed since the scan.
+        outcome.logical_bytes = entries.iter().map(|e| e.size).sum();
     }
-    outcome.logical_bytes = entries.iter().map(|e| e.size).sum();
 
     let mut n = previous.unwrap_or(0) + 1;
     for _ in 0..MAX_ATTEMPTS {
@@ -246,11 +247,7 @@ fn version_object(
             tool_version: concat!("podfs ", env!("CARGO_PKG_VERSION")).to_owned(),
             file_count: outcome.file_count,
             logical_bytes: outcome.logical_bytes,
-            stored_bytes: if to_store.is_empty() {
-                0
-            } else {
-                outcome.stored_bytes
-            },
+            stored_bytes: outcome.stored_bytes,
             states: states.into_iter().collect(),
         },
         manifest: Manifest {
@@ -265,51 +262,38 @@ struct Plan {
     entries: Vec<Entry>,
     to_store: Vec<usize>,
     file_count: u64,
-    logical_bytes: u64,
 }
 
 impl Plan {
-    fn new(scanned: &[Scanned], prev: Option<&Manifest>) -> Self {
+    /// Takes the scanned entries; a file whose size and mtime match the previous version's
+    /// entry keeps pointing at its old data, every other file is to be stored.
+    fn new(mut entries: Vec<Entry>, prev: Option<&Manifest>) -> Self {
         let prev: HashMap<&str, &Entry> = prev
             .map(|m| m.entries.iter().map(|e| (e.path.as_str(), e)).collect())
             .unwrap_or_default();
-        let mut entries = Vec::with_capacity(scanned.len());
         let mut to_store = Vec::new();
-        let (mut file_count, mut logical_bytes) = (0, 0);
-        for s in scanned {
-            let mut e = Entry {
-                path: s.path.clone(),
-                kind: s.kind,
-                mode: s.mode,
-                mtime: s.mtime,
-                mtime_nsec: s.mtime_nsec,
-                size: s.size,
-                target: s.target.clone(),
-                data: None,
-            };
-            if s.kind == Kind::File {
-                file_count += 1;
-                logical_bytes += s.size;
-                // Unchanged bytes (same size and mtime): keep pointing at the old data.
-                match prev.get(s.path.as_str()) {
-                    Some(p)
-                        if p.kind == Kind::File
-                            && p.size == s.size
-                            && p.mtime == s.mtime
-                            && p.mtime_nsec == s.mtime_nsec =>
-                    {
-                        e.data = p.data;
-                    }
-                    _ => to_store.push(entries.len()),
-                }
+        let mut file_count = 0;
+        for (i, e) in entries.iter_mut().enumerate() {
+            if e.kind != Kind::File {
+                continue;
             }
-            entries.push(e);
+            file_count += 1;
+            match prev.get(e.path.as_str()) {
+                Some(p)
+                    if p.kind == Kind::File
+                        && p.size == e.size
+                        && p.mtime == e.mtime
+                        && p.mtime_nsec == e.mtime_nsec =>
+                {
+                    e.data = p.data;
+                }
+                _ => to_store.push(i),
+            }
         }
         Self {
             entries,
             to_store,
             file_count,
-            logical_bytes,
         }
     }
 }

@@ -4,50 +4,39 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use super::manifest::Kind;
+use super::manifest::{Entry, Kind};
 use super::{PodError, PodResult};
 
-/// One path found under the scanned root.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Scanned {
-    /// Relative, '/'-separated.
-    pub path: String,
-    pub kind: Kind,
-    pub mode: u32,
-    pub mtime: i64,
-    pub mtime_nsec: u32,
-    pub size: u64,
-    pub target: Option<String>,
-}
-
-impl Scanned {
-    fn from_metadata(path: String, md: &std::fs::Metadata, target: Option<String>) -> Option<Self> {
-        let ft = md.file_type();
-        let kind = if ft.is_file() {
-            Kind::File
-        } else if ft.is_dir() {
-            Kind::Dir
-        } else if ft.is_symlink() {
-            Kind::Symlink
-        } else {
-            return None;
-        };
-        Some(Self {
-            path,
-            kind,
-            mode: md.mode() & 0o7777,
-            mtime: md.mtime(),
-            mtime_nsec: md.mtime_nsec().clamp(0, 999_999_999) as u32,
-            size: if kind == Kind::File { md.len() } else { 0 },
-            target,
-        })
-    }
+/// The manifest entry for a path found under the scanned root (without `data`), or `None`
+/// for a socket, FIFO or device.
+fn entry_from(path: String, md: &std::fs::Metadata, target: Option<String>) -> Option<Entry> {
+    let ft = md.file_type();
+    let kind = if ft.is_file() {
+        Kind::File
+    } else if ft.is_dir() {
+        Kind::Dir
+    } else if ft.is_symlink() {
+        Kind::Symlink
+    } else {
+        return None;
+    };
+    Some(Entry {
+        path,
+        kind,
+        mode: md.mode() & 0o7777,
+        mtime: md.mtime(),
+        mtime_nsec: md.mtime_nsec().clamp(0, 999_999_999) as u32,
+        size: if kind == Kind::File { md.len() } else { 0 },
+        target,
+        data: None,
+    })
 }
 
 /// What a scan found: entries sorted by path bytes, and what it skipped.
 #[derive(Debug, Default)]
 pub struct Scan {
-    pub entries: Vec<Scanned>,
+    /// Manifest-shaped entries with no `data` yet.
+    pub entries: Vec<Entry>,
     /// Sockets, FIFOs and device files, which a pod cannot hold, and excluded directories.
     pub skipped: Vec<PathBuf>,
 }
@@ -133,7 +122,7 @@ fn walk(dir: &Path, rel: &str, exclude: &Exclude, out: &mut Scan) -> PodResult<(
             out.skipped.push(abs);
             continue;
         }
-        match Scanned::from_metadata(path, &md, target) {
+        match entry_from(path, &md, target) {
             Some(s) => {
                 let is_dir = s.kind == Kind::Dir;
                 let rel = s.path.clone();

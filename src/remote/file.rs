@@ -120,7 +120,7 @@ impl Remote for FileRemote {
         &self.name
     }
 
-    async fn list_pods(&self) -> RemoteResult<Vec<PodName>> {
+    async fn list_pods(&self) -> RemoteResult<Vec<(PodName, u64)>> {
         Ok(pods_among(self.objects().await?))
     }
 

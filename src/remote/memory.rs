@@ -63,7 +63,7 @@ impl Remote for MemoryRemote {
         "memory"
     }
 
-    async fn list_pods(&self) -> RemoteResult<Vec<PodName>> {
+    async fn list_pods(&self) -> RemoteResult<Vec<(PodName, u64)>> {
         Ok(pods_among(self.objects()))
     }
 
@@ -188,7 +188,7 @@ impl Remote for FaultyRemote {
     fn name(&self) -> &str {
         self.inner.name()
     }
-    async fn list_pods(&self) -> RemoteResult<Vec<PodName>> {
+    async fn list_pods(&self) -> RemoteResult<Vec<(PodName, u64)>> {
         self.inner.list_pods().await
     }
     async fn list_versions(&self, pod: &PodName) -> RemoteResult<Vec<u64>> {

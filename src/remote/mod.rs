@@ -58,8 +58,9 @@ pub trait Remote: Send + Sync + std::fmt::Debug {
     /// The remote's configured name, for messages.
     fn name(&self) -> &str;
 
-    /// Pods that have at least one committed version, sorted by name.
-    async fn list_pods(&self) -> RemoteResult<Vec<PodName>>;
+    /// Pods that have at least one committed version, with their latest version, sorted by
+    /// name.
+    async fn list_pods(&self) -> RemoteResult<Vec<(PodName, u64)>>;
 
     /// Committed versions of `pod`, ascending; empty if the pod does not exist.
     async fn list_versions(&self, pod: &PodName) -> RemoteResult<Vec<u64>>;
@@ -68,7 +69,8 @@ pub trait Remote: Send + Sync + std::fmt::Debug {
     async fn read_version(&self, pod: &PodName, version: u64) -> RemoteResult<Bytes>;
 
     /// Bytes `range` of state object `state`, as referenced by committed version `via` (the
-    /// ORAS backend finds the blob through `via`'s manifest). A range past the end is an error.
+    /// ORAS backend finds the blob through `via`'s manifest). Where the object is shorter than
+    /// `range`, a backend returns fewer bytes or an error; `pod::read` checks every length.
     async fn read_state(
         &self,
         pod: &PodName,
@@ -173,15 +175,17 @@ pub fn parse_object_name(name: &str) -> Option<(PodName, ObjectKind, u64)> {
 /// A parsed object name: pod, kind, number.
 pub type ObjectId = (PodName, ObjectKind, u64);
 
-/// The pods that have a version object among `objects`, sorted and unique (for backends that
-/// list flat object names).
-pub fn pods_among(objects: impl IntoIterator<Item = ObjectId>) -> Vec<PodName> {
-    let pods: std::collections::BTreeSet<PodName> = objects
-        .into_iter()
-        .filter(|(_, kind, _)| *kind == ObjectKind::Version)
-        .map(|(pod, _, _)| pod)
-        .collect();
-    pods.into_iter().collect()
+/// The pods that have a version object among `objects`, with their latest version, sorted by
+/// name (for backends that list flat object names).
+pub fn pods_among(objects: impl IntoIterator<Item = ObjectId>) -> Vec<(PodName, u64)> {
+    let mut latest = std::collections::BTreeMap::new();
+    for (pod, kind, n) in objects {
+        if kind == ObjectKind::Version {
+            let v = latest.entry(pod).or_insert(n);
+            *v = (*v).max(n);
+        }
+    }
+    latest.into_iter().collect()
 }
 
 /// The numbers of `pod`'s objects of `kind` among `objects`, ascending and unique.

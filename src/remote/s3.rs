@@ -635,7 +635,7 @@ impl Remote for S3Remote {
         &self.name
     }
 
-    async fn list_pods(&self) -> RemoteResult<Vec<PodName>> {
+    async fn list_pods(&self) -> RemoteResult<Vec<(PodName, u64)>> {
         Ok(pods_among(self.list("localstack-pod-").await?))
     }
 

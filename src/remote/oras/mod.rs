@@ -433,7 +433,7 @@ impl Remote for OrasRemote {
         &self.name
     }
 
-    async fn list_pods(&self) -> RemoteResult<Vec<PodName>> {
+    async fn list_pods(&self) -> RemoteResult<Vec<(PodName, u64)>> {
         // A repository whose tags were all deleted stays in the catalog, and other artifacts may
         // share the namespace: keep repositories whose latest version is a podfs manifest (the
         // manifest is cached, so reading the pod next costs nothing more).
@@ -443,7 +443,7 @@ impl Remote for OrasRemote {
                 continue;
             };
             match self.fetch_manifest(&pod, latest).await {
-                Ok(Ok(_)) => pods.push(pod),
+                Ok(Ok(_)) => pods.push((pod, latest)),
                 Ok(Err(why)) => {
                     tracing::debug!(remote = %self.name, pod = %pod, "not a pod: {why}");
                 }
