@@ -27,6 +27,13 @@ enum Command {
         #[command(subcommand)]
         command: RemoteCommand,
     },
+    #[command(flatten)]
+    Pod(PodCommand),
+}
+
+/// The commands that work on pods (they need the async runtime).
+#[derive(Subcommand)]
+enum PodCommand {
     /// Save a directory as the next version of a pod.
     Save {
         /// Pod name: letters, digits, '-' and '_'.
@@ -145,20 +152,22 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     let mut ctx = Context::from_env()?;
-    if let Command::Remote { command } = cli.command {
-        return match command {
-            RemoteCommand::Add { name, url } => commands::remote_add(&mut ctx, &name, &url),
-            RemoteCommand::Delete { name } => commands::remote_delete(&mut ctx, &name),
-            RemoteCommand::List { json } => commands::remote_list(&ctx, json),
-        };
-    }
+    let command = match cli.command {
+        Command::Remote { command } => {
+            return match command {
+                RemoteCommand::Add { name, url } => commands::remote_add(&mut ctx, &name, &url),
+                RemoteCommand::Delete { name } => commands::remote_delete(&mut ctx, &name),
+                RemoteCommand::List { json } => commands::remote_list(&ctx, json),
+            };
+        }
+        Command::Pod(command) => command,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        match cli.command {
-            Command::Remote { .. } => Ok(()),
-            Command::Save {
+        match command {
+            PodCommand::Save {
                 pod,
                 remote,
                 from,
@@ -176,7 +185,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 };
                 commands::save(&ctx, args).await
             }
-            Command::Load {
+            PodCommand::Load {
                 pod,
                 remote,
                 into,
@@ -197,14 +206,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 };
                 commands::load(&ctx, args).await
             }
-            Command::List { remote, json } => commands::list(&ctx, &remote, json).await,
-            Command::Versions { pod, remote, json } => {
+            PodCommand::List { remote, json } => commands::list(&ctx, &remote, json).await,
+            PodCommand::Versions { pod, remote, json } => {
                 commands::versions(&ctx, &pod, &remote, json).await
             }
-            Command::Inspect { pod, remote, json } => {
+            PodCommand::Inspect { pod, remote, json } => {
                 commands::inspect(&ctx, &pod.parse()?, &remote, json).await
             }
-            Command::Delete { pod, remote } => commands::delete(&ctx, &pod.parse()?, &remote).await,
+            PodCommand::Delete { pod, remote } => {
+                commands::delete(&ctx, &pod.parse()?, &remote).await
+            }
         }
     })
 }
