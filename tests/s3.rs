@@ -179,14 +179,7 @@ fn save_change_save_loads_each_version() {
     for (version, tree) in [("1", &v1), ("2", &v2)] {
         let dst = work.path().join(format!("load{version}"));
         std::fs::create_dir(&dst).unwrap();
-        p.ok(&[
-            "load",
-            &format!("two-versions:{version}"),
-            "r",
-            "--into",
-            dst.to_str().unwrap(),
-        ]);
-        assert_same_tree(tree, &dst);
+        p.assert_loads(&format!("two-versions:{version}"), "r", &dst, tree);
     }
 }
 
@@ -228,14 +221,7 @@ fn key_prefix_scopes_the_objects() {
     assert!(p.ok(&["list", "team"]).contains("prefixed"));
     assert!(!p.ok(&["list", "root"]).contains("prefixed"));
     let dst = tempfile::tempdir().unwrap();
-    p.ok(&[
-        "load",
-        "prefixed",
-        "team",
-        "--into",
-        dst.path().to_str().unwrap(),
-    ]);
-    assert_same_tree(src.path(), dst.path());
+    p.assert_loads("prefixed", "team", dst.path(), src.path());
 }
 
 /// ListObjectsV2 pages (1,000 keys each) are all read: by the library and by `podfs delete`.
@@ -456,14 +442,7 @@ fn server_dying_mid_save_leaves_no_version() {
     let out = p.ok(&["save", "crashy", "direct", "--from", from]);
     assert!(out.contains("Saved version 1"), "{out}");
     let dst = tempfile::tempdir().unwrap();
-    p.ok(&[
-        "load",
-        "crashy",
-        "direct",
-        "--into",
-        dst.path().to_str().unwrap(),
-    ]);
-    assert_same_tree(src.path(), dst.path());
+    p.assert_loads("crashy", "direct", dst.path(), src.path());
 }
 
 /// Two saves of one pod at once both commit, under distinct numbers, each its own tree.
@@ -513,14 +492,7 @@ fn concurrent_saves_get_distinct_versions() {
     for (d, v) in dirs.iter().zip(&versions) {
         let dst = work.path().join(format!("load{v}"));
         std::fs::create_dir(&dst).unwrap();
-        p.ok(&[
-            "load",
-            &format!("raced:{v}"),
-            "r",
-            "--into",
-            dst.to_str().unwrap(),
-        ]);
-        assert_same_tree(d, &dst);
+        p.assert_loads(&format!("raced:{v}"), "r", &dst, d);
     }
 }
 

@@ -80,6 +80,13 @@ impl Podfs {
         stderr
     }
 
+    /// Loads `pod_ref` (POD or POD:N) from `remote` into `into` and asserts that `into` is
+    /// then exactly the tree `expected`.
+    pub fn assert_loads(&self, pod_ref: &str, remote: &str, into: &Path, expected: &Path) {
+        self.ok(&["load", pod_ref, remote, "--into", into.to_str().unwrap()]);
+        assert_same_tree(expected, into);
+    }
+
     pub fn pods_dir(&self) -> PathBuf {
         self.home.path().join("pods")
     }
