@@ -6,27 +6,36 @@ use std::sync::Arc;
 
 use anyhow::{Context as _, Result, bail};
 use serde_json::json;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, Remotes, VolumeDir, mask_url};
-use crate::pod::load::{Action, Strategy};
+use crate::pod::fence;
+use crate::pod::load::{Action, LoadParams, Strategy};
 use crate::pod::manifest::Kind;
 use crate::pod::read::{read_info, read_version, resolve_version};
 use crate::pod::save::SaveParams;
 use crate::pod::{PodName, PodRef};
 use crate::progress::{self, Progress};
 use crate::remote::{self, OpenParams, Remote};
+use crate::term;
 
-/// What every command needs: the volume dir and the configured remotes.
+/// What every command needs: the volume dir, the configured remotes, and the shutdown signal.
 pub struct Context {
     pub volume: VolumeDir,
     pub remotes: Remotes,
+    /// Cancelled on SIGINT/SIGTERM: saves and loads stop and clean up.
+    pub shutdown: CancellationToken,
 }
 
 impl Context {
-    pub fn from_env() -> Result<Self> {
+    pub fn from_env(shutdown: CancellationToken) -> Result<Self> {
         let volume = VolumeDir::from_env()?;
         let remotes = Remotes::load(&volume)?;
-        Ok(Self { volume, remotes })
+        Ok(Self {
+            volume,
+            remotes,
+            shutdown,
+        })
     }
 
     /// Resolves remote `name`'s URL from the environment and opens its backend.
@@ -35,6 +44,7 @@ impl Context {
         let url = config::resolve(name, &template)?;
         let params = OpenParams {
             staging_dir: Some(self.volume.staging_dir()),
+            shutdown: self.shutdown.clone(),
         };
         Ok(remote::open(name, &url, &params).await?)
     }
@@ -81,34 +91,47 @@ pub fn remote_list(ctx: &Context, as_json: bool) -> Result<()> {
 
 /// Settings of `podfs save`.
 pub struct SaveArgs {
-    pub pod: String,
+    pub pod: PodName,
     pub remote: String,
     pub from: PathBuf,
     pub message: String,
+    pub one_file_system: bool,
     pub json: bool,
 }
 
 pub async fn save(ctx: &Context, args: SaveArgs) -> Result<()> {
-    let pod = PodName::new(&args.pod)?;
+    let pod = args.pod;
+    let from = fence::absolute(&args.from)
+        .with_context(|| format!("cannot resolve {}", args.from.display()))?;
+    let volume = fence::absolute(ctx.volume.root())
+        .with_context(|| format!("cannot resolve {}", ctx.volume.root().display()))?;
+    if fence::is_within(&from, &volume) {
+        bail!(
+            "{} is inside podfs's own volume dir {}: choose another directory",
+            args.from.display(),
+            volume.display()
+        );
+    }
     let remote = ctx.open_remote(&args.remote).await?;
     let params = SaveParams {
         message: args.message,
         creator: config::creator(),
         staging_dir: ctx.volume.staging_dir(),
         exclude: vec![ctx.volume.root().to_owned()],
+        one_file_system: args.one_file_system,
+        cancel: ctx.shutdown.clone(),
         ..SaveParams::default()
     };
     let out = crate::pod::save::save(&remote, &pod, &args.from, &params, &ctx.progress())
         .await
         .with_context(|| format!("saving {} as pod {pod}", args.from.display()))?;
-    for path in &out.skipped {
-        if path.is_dir() {
-            eprintln!("note: left out {} (podfs's own volume dir)", path.display());
-        } else {
-            eprintln!(
-                "warning: skipped {} (sockets, FIFOs and devices cannot be saved)",
-                path.display()
-            );
+    for s in &out.skipped {
+        let path = shown(&s.path);
+        match s.fence {
+            Some(why) => eprintln!("note: left out {path} ({})", why.describe()),
+            None => {
+                eprintln!("warning: skipped {path} (sockets, FIFOs and devices cannot be saved)")
+            }
         }
     }
     if args.json {
@@ -145,19 +168,32 @@ pub struct LoadArgs {
     pub into: PathBuf,
     pub strategy: Strategy,
     pub dry_run: bool,
+    pub keep_setid: bool,
+    pub one_file_system: bool,
     pub json: bool,
 }
 
 pub async fn load(ctx: &Context, args: LoadArgs) -> Result<()> {
     let remote = ctx.open_remote(&args.remote).await?;
     let pod = &args.pod.pod;
+    let params = LoadParams {
+        strategy: args.strategy,
+        dry_run: args.dry_run,
+        keep_setid: args.keep_setid,
+        one_file_system: args.one_file_system,
+        protect: vec![
+            ctx.volume.root().to_owned(),
+            ctx.volume.staging_dir(),
+            ctx.volume.default_pods_dir(),
+        ],
+        cancel: ctx.shutdown.clone(),
+    };
     let plan = crate::pod::load::load(
         &remote,
         pod,
         args.pod.version,
         &args.into,
-        args.strategy,
-        args.dry_run,
+        &params,
         &ctx.progress(),
     )
     .await
@@ -166,6 +202,19 @@ pub async fn load(ctx: &Context, args: LoadArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&plan)?);
         return Ok(());
     }
+    for l in &plan.left_alone {
+        eprintln!("note: left {} alone ({})", term::escape(&l.path), l.reason);
+    }
+    if plan.setid_cleared > 0 {
+        eprintln!(
+            "note: cleared setuid/setgid bits on {} (pods store no owners; --keep-setid restores them)",
+            plural(plan.setid_cleared, "path")
+        );
+    } else if args.keep_setid {
+        eprintln!(
+            "warning: --keep-setid: setuid/setgid bits are restored as the pod says, on files owned by you"
+        );
+    }
     if args.dry_run {
         for (path, action) in &plan.changes {
             let sign = match action {
@@ -173,7 +222,7 @@ pub async fn load(ctx: &Context, args: LoadArgs) -> Result<()> {
                 Action::Change => '~',
                 Action::Remove => '-',
             };
-            println!("{sign} {path}");
+            println!("{sign} {}", term::escape(path));
         }
     }
     println!(
@@ -181,13 +230,18 @@ pub async fn load(ctx: &Context, args: LoadArgs) -> Result<()> {
         if args.dry_run { "Would load" } else { "Loaded" },
         plan.version,
         args.remote,
-        args.into.display(),
+        shown(&args.into),
         plan.count(Action::Add),
         plan.count(Action::Change),
         plan.count(Action::Remove),
         plan.unchanged
     );
     Ok(())
+}
+
+/// A local path for human output, control characters escaped.
+fn shown(path: &Path) -> String {
+    term::escape(&path.to_string_lossy()).into_owned()
 }
 
 pub async fn list(ctx: &Context, remote_name: &str, as_json: bool) -> Result<()> {
@@ -197,7 +251,7 @@ pub async fn list(ctx: &Context, remote_name: &str, as_json: bool) -> Result<()>
         // One damaged pod must not hide the others.
         match read_info(&remote, &pod, latest).await {
             Ok(info) => rows.push((pod, info)),
-            Err(e) => eprintln!("warning: {e}"),
+            Err(e) => eprintln!("warning: {}", term::error_chain(&e)),
         }
     }
     if as_json {
@@ -230,15 +284,20 @@ pub async fn list(ctx: &Context, remote_name: &str, as_json: bool) -> Result<()>
             "{:w$}  {:>6}  {:20}  {:>10}",
             p.as_str(),
             i.version,
-            i.created_at,
+            term::escape(&i.created_at),
             human_bytes(i.logical_bytes)
         );
     }
     Ok(())
 }
 
-pub async fn versions(ctx: &Context, pod: &str, remote_name: &str, as_json: bool) -> Result<()> {
-    let pod = PodName::new(pod)?;
+pub async fn versions(
+    ctx: &Context,
+    pod: &PodName,
+    remote_name: &str,
+    as_json: bool,
+) -> Result<()> {
+    let pod = pod.clone();
     let remote = ctx.open_remote(remote_name).await?;
     let versions = crate::pod::read::versions_of(&remote, &pod).await?;
     let mut infos = Vec::new();
@@ -257,11 +316,11 @@ pub async fn versions(ctx: &Context, pod: &str, remote_name: &str, as_json: bool
         println!(
             "{:>7}  {:20}  {:>7}  {:>10}  {:>10}  {}",
             i.version,
-            i.created_at,
+            term::escape(&i.created_at),
             i.file_count,
             human_bytes(i.logical_bytes),
             human_bytes(i.stored_bytes),
-            i.message
+            term::escape(&i.message)
         );
     }
     Ok(())
@@ -283,11 +342,11 @@ pub async fn inspect(ctx: &Context, pod: &PodRef, remote_name: &str, as_json: bo
         i.version,
         plural(i.file_count, "file"),
         human_bytes(i.logical_bytes),
-        i.created_at,
+        term::escape(&i.created_at),
         if i.message.is_empty() {
             String::new()
         } else {
-            format!(", {:?}", i.message)
+            format!(", \"{}\"", term::escape(&i.message))
         }
     );
     for e in &obj.manifest.entries {
@@ -296,7 +355,10 @@ pub async fn inspect(ctx: &Context, pod: &PodRef, remote_name: &str, as_json: bo
             Kind::File => ('-', String::new()),
             Kind::Symlink => (
                 'l',
-                format!(" -> {}", e.target.as_deref().unwrap_or_default()),
+                format!(
+                    " -> {}",
+                    term::escape(e.target.as_deref().unwrap_or_default())
+                ),
             ),
         };
         println!(
@@ -307,7 +369,7 @@ pub async fn inspect(ctx: &Context, pod: &PodRef, remote_name: &str, as_json: bo
             } else {
                 String::new()
             },
-            e.path
+            term::escape(&e.path)
         );
     }
     Ok(())
@@ -338,20 +400,6 @@ pub fn dir_or_cwd(given: Option<PathBuf>) -> Result<PathBuf> {
         Some(d) => Ok(d),
         None => std::env::current_dir().context("cannot read the current directory"),
     }
-}
-
-/// Refuses to save into or load over the volume dir itself.
-pub fn check_not_volume(ctx: &Context, dir: &Path) -> Result<()> {
-    if let (Ok(d), Ok(v)) = (dir.canonicalize(), ctx.volume.root().canonicalize())
-        && (d == v || d.starts_with(&v))
-    {
-        bail!(
-            "{} is inside the podfs volume dir {}: choose another directory",
-            dir.display(),
-            v.display()
-        );
-    }
-    Ok(())
 }
 
 /// `1 file`, `2 files`.

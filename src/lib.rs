@@ -5,9 +5,11 @@
 //! - [`remote`]: the pod-level [`remote::Remote`] trait and its backends.
 //! - [`pod`]: pod names, format v1, save, load, delete.
 //! - [`commands`]: the CLI commands, on top of the above.
+//! - [`term`]: what reaches a terminal: escaped remote text, one-line error chains.
 
 pub mod commands;
 pub mod config;
 pub mod pod;
 pub mod progress;
 pub mod remote;
+pub mod term;

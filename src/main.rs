@@ -3,11 +3,13 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use podfs::commands::{self, Context, LoadArgs, SaveArgs};
 use podfs::config::DEFAULT_REMOTE;
-use podfs::pod::PodRef;
 use podfs::pod::load::Strategy;
+use podfs::pod::{PodError, PodName, PodRef};
+use podfs::term;
+use tokio_util::sync::CancellationToken;
 
 /// Versioned snapshots of directory trees ("pods") on S3, OCI registries and local directories.
 ///
@@ -37,7 +39,8 @@ enum PodCommand {
     /// Save a directory as the next version of a pod.
     Save {
         /// Pod name: letters, digits, '-' and '_'.
-        pod: String,
+        #[arg(value_parser = parse_pod_name)]
+        pod: PodName,
         /// Remote to save to.
         #[arg(default_value = DEFAULT_REMOTE)]
         remote: String,
@@ -47,13 +50,16 @@ enum PodCommand {
         /// A message kept with the version.
         #[arg(short, long, default_value = "")]
         message: String,
+        /// Leave out directories on other file systems (podfs mounts are always left out).
+        #[arg(long)]
+        one_file_system: bool,
         #[arg(long)]
         json: bool,
     },
     /// Load a version of a pod (default: the latest) into a directory.
     Load {
         /// POD or POD:VERSION.
-        pod: String,
+        pod: PodRef,
         /// Remote to load from.
         #[arg(default_value = DEFAULT_REMOTE)]
         remote: String,
@@ -62,11 +68,19 @@ enum PodCommand {
         into: Option<PathBuf>,
         /// merge: write the pod's entries and keep other files; overwrite: make the directory
         /// exactly the version.
-        #[arg(long, value_enum, default_value_t = Strategy::Merge)]
-        strategy: Strategy,
+        #[arg(long, value_enum, default_value_t = StrategyArg::Merge)]
+        strategy: StrategyArg,
         /// Only list what would be added (+), changed (~) and removed (-).
         #[arg(long)]
         dry_run: bool,
+        /// Restore setuid and setgid bits (cleared by default: pods store no owners, so the bits
+        /// would apply to whoever loads).
+        #[arg(long)]
+        keep_setid: bool,
+        /// Neither write into nor remove directories on other file systems (podfs mounts are
+        /// always left alone).
+        #[arg(long)]
+        one_file_system: bool,
         #[arg(long)]
         json: bool,
     },
@@ -79,7 +93,8 @@ enum PodCommand {
     },
     /// List the versions of a pod.
     Versions {
-        pod: String,
+        #[arg(value_parser = parse_pod_name)]
+        pod: PodName,
         #[arg(default_value = DEFAULT_REMOTE)]
         remote: String,
         #[arg(long)]
@@ -88,7 +103,7 @@ enum PodCommand {
     /// Show the tree of a version (default: the latest).
     Inspect {
         /// POD or POD:VERSION.
-        pod: String,
+        pod: PodRef,
         #[arg(default_value = DEFAULT_REMOTE)]
         remote: String,
         #[arg(long)]
@@ -97,10 +112,32 @@ enum PodCommand {
     /// Delete one version (POD:VERSION) or a whole pod (POD).
     Delete {
         /// POD or POD:VERSION.
-        pod: String,
+        pod: PodRef,
         #[arg(default_value = DEFAULT_REMOTE)]
         remote: String,
     },
+}
+
+/// `--strategy`: how a load treats what the directory already holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum StrategyArg {
+    /// Write the pod's entries over the directory; keep other files.
+    Merge,
+    /// Make the directory exactly the version: also remove what it does not have.
+    Overwrite,
+}
+
+impl From<StrategyArg> for Strategy {
+    fn from(s: StrategyArg) -> Self {
+        match s {
+            StrategyArg::Merge => Strategy::Merge,
+            StrategyArg::Overwrite => Strategy::Overwrite,
+        }
+    }
+}
+
+fn parse_pod_name(s: &str) -> Result<PodName, PodError> {
+    PodName::new(s)
 }
 
 #[derive(Subcommand)]
@@ -143,79 +180,170 @@ fn main() -> ExitCode {
         .init();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
+        Err(Failure::Error(e)) => {
+            eprintln!("error: {}", term::error_chain(e.as_ref()));
             ExitCode::FAILURE
+        }
+        Err(Failure::Signal(signal, e)) => {
+            let what = e.map(|e| term::error_chain(e.as_ref()));
+            eprintln!(
+                "error: interrupted by {}{}",
+                signal.name(),
+                what.map(|w| format!(" ({w})")).unwrap_or_default()
+            );
+            ExitCode::from(128 + signal.number())
         }
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
-    let mut ctx = Context::from_env()?;
+/// How a command ended, if not well.
+enum Failure {
+    Error(anyhow::Error),
+    /// Stopped by a signal; with the command's own error if it stopped by itself.
+    Signal(Signal, Option<anyhow::Error>),
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Failure::Error(e)
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Signal {
+    Int,
+    Term,
+}
+
+impl Signal {
+    fn name(self) -> &'static str {
+        match self {
+            Signal::Int => "SIGINT",
+            Signal::Term => "SIGTERM",
+        }
+    }
+    fn number(self) -> u8 {
+        match self {
+            Signal::Int => 2,
+            Signal::Term => 15,
+        }
+    }
+}
+
+/// Waits for the first SIGINT or SIGTERM and cancels `shutdown`; a second signal exits at once.
+async fn watch_signals(shutdown: CancellationToken) -> anyhow::Result<Signal> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let first = tokio::select! {
+        _ = int.recv() => Signal::Int,
+        _ = term.recv() => Signal::Term,
+    };
+    shutdown.cancel();
+    tokio::spawn(async move {
+        let again = tokio::select! {
+            _ = int.recv() => Signal::Int,
+            _ = term.recv() => Signal::Term,
+        };
+        eprintln!("error: interrupted again by {}: exiting now", again.name());
+        std::process::exit(128 + i32::from(again.number()));
+    });
+    Ok(first)
+}
+
+/// How long a command that cleans up after itself (save, load) may take to stop once told to.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(15);
+
+fn run(cli: Cli) -> Result<(), Failure> {
+    let shutdown = CancellationToken::new();
+    let mut ctx = Context::from_env(shutdown.clone())?;
     let command = match cli.command {
         Command::Remote { command } => {
-            return match command {
+            return Ok(match command {
                 RemoteCommand::Add { name, url } => commands::remote_add(&mut ctx, &name, &url),
                 RemoteCommand::Delete { name } => commands::remote_delete(&mut ctx, &name),
                 RemoteCommand::List { json } => commands::remote_list(&ctx, json),
-            };
+            }?);
         }
         Command::Pod(command) => command,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .build()?;
+        .build()
+        .map_err(anyhow::Error::from)?;
     runtime.block_on(async {
-        match command {
-            PodCommand::Save {
-                pod,
-                remote,
-                from,
-                message,
-                json,
-            } => {
-                let from = commands::dir_or_cwd(from)?;
-                commands::check_not_volume(&ctx, &from)?;
-                let args = SaveArgs {
-                    pod,
-                    remote,
-                    from,
-                    message,
-                    json,
-                };
-                commands::save(&ctx, args).await
-            }
-            PodCommand::Load {
-                pod,
-                remote,
-                into,
-                strategy,
-                dry_run,
-                json,
-            } => {
-                let pod: PodRef = pod.parse()?;
-                let into = commands::dir_or_cwd(into)?;
-                commands::check_not_volume(&ctx, &into)?;
-                let args = LoadArgs {
-                    pod,
-                    remote,
-                    into,
-                    strategy,
-                    dry_run,
-                    json,
-                };
-                commands::load(&ctx, args).await
-            }
-            PodCommand::List { remote, json } => commands::list(&ctx, &remote, json).await,
-            PodCommand::Versions { pod, remote, json } => {
-                commands::versions(&ctx, &pod, &remote, json).await
-            }
-            PodCommand::Inspect { pod, remote, json } => {
-                commands::inspect(&ctx, &pod.parse()?, &remote, json).await
-            }
-            PodCommand::Delete { pod, remote } => {
-                commands::delete(&ctx, &pod.parse()?, &remote).await
+        // Save and load watch `shutdown` and clean up (temporary files, partial uploads) before
+        // they return; the other commands only read, or delete, and are simply dropped.
+        let cleans_up = matches!(command, PodCommand::Save { .. } | PodCommand::Load { .. });
+        let work = dispatch(&ctx, command);
+        tokio::pin!(work);
+        let signals = watch_signals(shutdown.clone());
+        tokio::select! {
+            r = &mut work => Ok(r?),
+            signal = signals => {
+                let signal = signal?;
+                if !cleans_up {
+                    return Err(Failure::Signal(signal, None));
+                }
+                match tokio::time::timeout(STOP_GRACE, &mut work).await {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(Failure::Signal(signal, Some(e))),
+                    Err(_) => Err(Failure::Signal(signal, None)),
+                }
             }
         }
     })
+}
+
+async fn dispatch(ctx: &Context, command: PodCommand) -> anyhow::Result<()> {
+    match command {
+        PodCommand::Save {
+            pod,
+            remote,
+            from,
+            message,
+            one_file_system,
+            json,
+        } => {
+            let args = SaveArgs {
+                pod,
+                remote,
+                from: commands::dir_or_cwd(from)?,
+                message,
+                one_file_system,
+                json,
+            };
+            commands::save(ctx, args).await
+        }
+        PodCommand::Load {
+            pod,
+            remote,
+            into,
+            strategy,
+            dry_run,
+            keep_setid,
+            one_file_system,
+            json,
+        } => {
+            let args = LoadArgs {
+                pod,
+                remote,
+                into: commands::dir_or_cwd(into)?,
+                strategy: strategy.into(),
+                dry_run,
+                keep_setid,
+                one_file_system,
+                json,
+            };
+            commands::load(ctx, args).await
+        }
+        PodCommand::List { remote, json } => commands::list(ctx, &remote, json).await,
+        PodCommand::Versions { pod, remote, json } => {
+            commands::versions(ctx, &pod, &remote, json).await
+        }
+        PodCommand::Inspect { pod, remote, json } => {
+            commands::inspect(ctx, &pod, &remote, json).await
+        }
+        PodCommand::Delete { pod, remote } => commands::delete(ctx, &pod, &remote).await,
+    }
 }

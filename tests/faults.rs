@@ -6,7 +6,7 @@ mod support;
 use std::path::Path;
 use std::sync::Arc;
 
-use podfs::pod::load::{Strategy, load};
+use podfs::pod::load::{LoadParams, load};
 use podfs::pod::save::{SaveParams, save};
 use podfs::pod::{PodError, PodName};
 use podfs::progress::{NoProgress, Progress};
@@ -64,8 +64,7 @@ impl Fixture {
             &self.pod,
             version,
             into,
-            Strategy::Merge,
-            false,
+            &LoadParams::default(),
             &self.progress,
         )
         .await

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use filetime::FileTime;
 use podfs::pod::PodName;
-use podfs::pod::load::{Strategy as LoadStrategy, load};
+use podfs::pod::load::{LoadParams, Strategy as LoadStrategy, load};
 use podfs::pod::manifest::VersionObject;
 use podfs::pod::save::{SaveParams, save};
 use podfs::progress::{NoProgress, Progress};
@@ -110,8 +110,10 @@ fn run_model(steps: Vec<Vec<(usize, Node)>>) {
             &pod,
             Some(*v),
             &into,
-            LoadStrategy::Overwrite,
-            false,
+            &LoadParams {
+                strategy: LoadStrategy::Overwrite,
+                ..LoadParams::default()
+            },
             &progress,
         ))
         .unwrap();
@@ -125,8 +127,10 @@ fn run_model(steps: Vec<Vec<(usize, Node)>>) {
             &pod,
             Some(*v1),
             &into,
-            LoadStrategy::Overwrite,
-            false,
+            &LoadParams {
+                strategy: LoadStrategy::Overwrite,
+                ..LoadParams::default()
+            },
             &progress,
         ))
         .unwrap();
@@ -147,22 +151,106 @@ proptest! {
         run_model(steps);
     }
 
-    /// Damaged version objects are rejected with an error, never a panic.
+    /// Damaged version objects are rejected with an error, never a panic. The seeds are a real
+    /// version zip and the hand-crafted hostile objects of the hardening issue.
     #[test]
     fn version_parser_survives_damage(
+        seed in 0..SEEDS,
         flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
         cut in any::<prop::sample::Index>(),
     ) {
-        let bytes = sample_version_zip();
+        let (version, bytes) = seed_object(seed);
         let mut damaged = bytes.to_vec();
         for (at, b) in flips {
             let i = at.index(damaged.len());
             damaged[i] ^= b | 1;
         }
         let pod = PodName::new("p").unwrap();
-        let _ = VersionObject::decode(&pod, 1, damaged.clone().into());
+        let _ = VersionObject::decode(&pod, version, damaged.clone().into());
+        let _ = podfs::pod::manifest::decode_info(&pod, version, damaged.clone().into());
         damaged.truncate(cut.index(damaged.len()));
-        prop_assert!(VersionObject::decode(&pod, 1, damaged.into()).is_err());
+        prop_assert!(VersionObject::decode(&pod, version, damaged.into()).is_err());
+    }
+}
+
+/// How many seeds [`seed_object`] has.
+const SEEDS: usize = 7;
+
+/// Seed `i` of the damage test: (version, version zip). Seed 0 is real; the others are the
+/// hostile objects of the hardening issue, each refused as it is.
+fn seed_object(i: usize) -> (u64, bytes::Bytes) {
+    let real = sample_version_zip();
+    let pod = PodName::new("p").unwrap();
+    let good = VersionObject::decode(&pod, 1, real.clone()).unwrap();
+    let info = serde_json::to_vec(&good.info).unwrap();
+    let manifest = serde_json::to_vec(&good.manifest).unwrap();
+    let zip_of = |entries: &[(&str, &[u8])]| bytes::Bytes::from(support::zip_of(entries));
+    let padded = |json: &[u8], pad: usize| {
+        let mut v = json.to_vec();
+        v.resize(v.len() + pad, b' ');
+        v
+    };
+    match i {
+        0 => (1, real),
+        // Two manifest.json entries: the second must not win.
+        1 => (
+            1,
+            zip_of(&[
+                ("version.json", &info),
+                ("manifest.json", &manifest),
+                ("manifest.json", br#"{"format":1,"entries":[]}"#),
+            ]),
+        ),
+        // version.json past its 1 MiB limit (whitespace).
+        2 => (
+            1,
+            zip_of(&[
+                ("version.json", &padded(&info, 1 << 20)),
+                ("manifest.json", &manifest),
+            ]),
+        ),
+        // A string longer than any path.
+        3 => {
+            let long = format!(
+                r#"{{"format":1,"entries":[{{"path":"{}","kind":"dir","mode":493,"mtime":0}}]}}"#,
+                "a".repeat(40 << 10)
+            );
+            (
+                1,
+                zip_of(&[("version.json", &info), ("manifest.json", long.as_bytes())]),
+            )
+        }
+        // mtime_nsec of a second and a half.
+        4 => {
+            let mut obj = good.clone();
+            obj.manifest.entries[0].mtime_nsec = 1_500_000_000;
+            (1, obj.encode().unwrap())
+        }
+        // The largest version number (valid: save must refuse to go past it).
+        5 => {
+            let mut obj = good.clone();
+            obj.info.version = u64::MAX;
+            (u64::MAX, obj.encode().unwrap())
+        }
+        // A manifest padded with whitespace (valid: padding costs no memory).
+        _ => (
+            1,
+            zip_of(&[
+                ("version.json", &info),
+                ("manifest.json", &padded(&manifest, 4 << 20)),
+            ]),
+        ),
+    }
+}
+
+#[test]
+fn the_hostile_seeds_are_refused_and_the_valid_ones_read() {
+    let pod = PodName::new("p").unwrap();
+    for i in 0..SEEDS {
+        let (version, bytes) = seed_object(i);
+        let decoded = VersionObject::decode(&pod, version, bytes);
+        let valid = matches!(i, 0 | 5 | 6);
+        assert_eq!(decoded.is_ok(), valid, "seed {i}: {:?}", decoded.err());
     }
 }
 

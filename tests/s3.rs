@@ -596,3 +596,68 @@ fn backend_reads_writes_and_conditions() {
         moto.python(r#"print(s3.get_bucket_location(Bucket="edge-bucket")["LocationConstraint"])"#);
     assert_eq!(location.trim(), "eu-west-1");
 }
+
+/// Ctrl-C in the middle of a multipart upload aborts it: no parts stay on the server, no object
+/// or version appears, the staged state zip is removed, and podfs exits with one line.
+#[test]
+fn sigint_during_a_multipart_upload_aborts_it() {
+    let moto = Moto::start();
+    let proxy = DyingProxy::stalling(moto.port, 12 << 20);
+    let p = podfs();
+    p.ok(&[
+        "remote",
+        "add",
+        "slow",
+        &seed_url("int-bucket", &proxy.endpoint, SMALL_PARTS),
+    ]);
+    let src = tempfile::tempdir().unwrap();
+    make_tree(src.path(), 9, 40 << 20);
+    let mut child = p
+        .command()
+        .args(["save", "stopped", "slow", "--from"])
+        .arg(src.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let uploads = || {
+        moto.python(
+            r#"
+try:
+    print(len(s3.list_multipart_uploads(Bucket="int-bucket").get("Uploads", [])))
+except s3.exceptions.NoSuchBucket:
+    print(0)
+"#,
+        )
+        .trim()
+        .parse::<usize>()
+        .unwrap()
+    };
+    // Wait until the upload is under way and held by the proxy.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while proxy.forwarded() < 12 << 20 || uploads() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the upload never started"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the save ended on its own"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // SAFETY: sending a signal to our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("interrupted by SIGINT"), "{stderr}");
+    assert_eq!(uploads(), 0, "the multipart upload was aborted");
+    assert!(moto.keys("int-bucket", "").is_empty());
+    let staged: Vec<_> = std::fs::read_dir(p.home.path().join("staging"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(staged.is_empty(), "staged files left: {staged:?}");
+}

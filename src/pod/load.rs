@@ -16,12 +16,14 @@ use std::sync::Arc;
 
 use filetime::FileTime;
 use futures::{StreamExt, TryStreamExt};
+use tokio_util::sync::CancellationToken;
 
+use super::fence::{self, Fences, Reason};
 use super::manifest::{DataRef, Entry, Kind, VersionObject};
 use super::read::{
     CHUNK, ReadBudget, copy_file, decode_into, fetch, read_version, resolve_version,
 };
-use super::scan::{Exclude, scan};
+use super::scan::{Scan, ScanOptions, scan};
 use super::{PodError, PodName, PodResult, blocking};
 use crate::progress::Progress;
 use crate::remote::{Remote, RemoteError};
@@ -29,13 +31,34 @@ use crate::remote::{Remote, RemoteError};
 /// Files written at once.
 const FILES_IN_FLIGHT: usize = 8;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+/// Permission bits a load does not restore unless asked: pods store no owners, so a setuid or
+/// setgid bit would apply to whoever runs the load (root, often).
+pub const SETID_BITS: u32 = 0o6000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Strategy {
     /// Write the pod's entries over the directory; keep other files.
     #[default]
     Merge,
     /// Make the directory exactly the version: also remove what it does not have.
     Overwrite,
+}
+
+/// Settings for a load.
+#[derive(Debug, Clone, Default)]
+pub struct LoadParams {
+    pub strategy: Strategy,
+    /// Only plan: write nothing.
+    pub dry_run: bool,
+    /// Restore setuid/setgid bits (off: they are cleared).
+    pub keep_setid: bool,
+    /// Neither remove nor write into directories on another file system than the target's.
+    pub one_file_system: bool,
+    /// Directories a load never writes into or removes, wherever they are (podfs's volume dir,
+    /// its staging and cache dirs). A target inside one is refused.
+    pub protect: Vec<PathBuf>,
+    /// Stops the load between files; it then fails with [`PodError::Cancelled`].
+    pub cancel: CancellationToken,
 }
 
 /// What happens to one path.
@@ -47,15 +70,32 @@ pub enum Action {
     Remove,
 }
 
+/// A path of the target that a load leaves alone, and why.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LeftAlone {
+    pub path: String,
+    pub reason: String,
+}
+
 /// The changes a load makes (or would make, with `--dry-run`).
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct LoadPlan {
     pub version: u64,
-    /// Sorted by path.
+    /// Sorted by path (names that are not UTF-8 are shown lossily).
     pub changes: Vec<(String, Action)>,
     pub unchanged: u64,
     /// Bytes of the files to write.
     pub bytes: u64,
+    /// Fenced paths: neither written nor removed.
+    pub left_alone: Vec<LeftAlone>,
+    /// Files and directories whose setuid/setgid bits are not restored.
+    pub setid_cleared: u64,
+    /// What to remove, as real paths, deepest first.
+    #[serde(skip)]
+    removals: Vec<PathBuf>,
+    /// The pod's directories outside every fence, whose modes and mtimes are set.
+    #[serde(skip)]
+    dirs: Vec<String>,
 }
 
 impl LoadPlan {
@@ -70,25 +110,129 @@ pub async fn load(
     pod: &PodName,
     wanted: Option<u64>,
     dir: &Path,
-    strategy: Strategy,
-    dry_run: bool,
+    params: &LoadParams,
     progress: &Arc<dyn Progress>,
 ) -> PodResult<LoadPlan> {
+    let target = fence::absolute(dir).map_err(PodError::io(dir))?;
+    let fences = Fenced::new(&target, params)?;
     let version = resolve_version(remote, pod, wanted).await?;
-    let obj = read_version(remote, pod, version).await?;
+    let mut obj = read_version(remote, pod, version).await?;
     let root = dir.to_owned();
+    let opts = ScanOptions {
+        fences: Fences::new(&target, &params.protect, params.one_file_system),
+        lenient_names: true,
+    };
     let current = blocking(move || match std::fs::symlink_metadata(&root) {
-        Ok(_) => Ok(scan(&root, &Exclude::default())?.entries),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+        Ok(_) => scan(&root, &opts),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Scan::default()),
         Err(e) => Err(PodError::io(&root)(e)),
     })
     .await?;
-    let plan = plan(version, &obj, &current, strategy);
-    if dry_run {
+    let fences = fences.with_scan(dir, &current);
+    let setid_cleared = if params.keep_setid {
+        0
+    } else {
+        clear_setid(&mut obj)
+    };
+    let mut plan = plan(version, &obj, dir, &current, &fences, params.strategy);
+    plan.setid_cleared = setid_cleared;
+    if params.dry_run {
         return Ok(plan);
     }
-    apply(remote, pod, &obj, dir, &plan, progress).await?;
+    apply(remote, pod, &obj, dir, &plan, &params.cancel, progress).await?;
     Ok(plan)
+}
+
+/// Clears the setuid/setgid bits of every entry; returns how many had one.
+fn clear_setid(obj: &mut VersionObject) -> u64 {
+    let mut n = 0;
+    for e in &mut obj.manifest.entries {
+        if e.mode & SETID_BITS != 0 {
+            e.mode &= !SETID_BITS;
+            n += 1;
+        }
+    }
+    n
+}
+
+/// The relative paths under the target that a load must leave alone.
+struct Fenced {
+    paths: Vec<(String, Reason)>,
+}
+
+impl Fenced {
+    /// Refuses a target inside a protected directory or a podfs mount, and overwriting `/`;
+    /// fences the protected directories and podfs mounts that lie inside the target.
+    fn new(target: &Path, params: &LoadParams) -> PodResult<Self> {
+        let refuse = |reason: String| PodError::Refused {
+            path: target.to_owned(),
+            reason,
+        };
+        if params.strategy == Strategy::Overwrite && target == Path::new("/") {
+            return Err(refuse(
+                "overwrite would remove everything the pod does not hold: load into a directory, or use --strategy merge".into(),
+            ));
+        }
+        if let Some(m) = fence::podfs_mount_holding(target) {
+            return Err(refuse(format!(
+                "it is inside the podfs mount {}: load into a local directory",
+                m.point.display()
+            )));
+        }
+        let mut fenced = Self { paths: Vec::new() };
+        for dir in &params.protect {
+            let abs = fence::absolute(dir).map_err(PodError::io(dir))?;
+            if fence::is_within(target, &abs) {
+                return Err(refuse(format!(
+                    "it is inside podfs's own volume dir {}: choose another directory",
+                    abs.display()
+                )));
+            }
+            fenced.add(target, &abs, Reason::Volume);
+        }
+        for m in fence::mounts().iter().filter(|m| m.is_podfs()) {
+            fenced.add(target, &m.point, Reason::PodfsMount);
+        }
+        Ok(fenced)
+    }
+
+    /// Fences `abs` if it lies below `target`.
+    fn add(&mut self, target: &Path, abs: &Path, why: Reason) {
+        if let Ok(rel) = abs.strip_prefix(target)
+            && let Some(rel) = rel.to_str()
+            && !rel.is_empty()
+            && !self.paths.iter().any(|(p, _)| p == rel)
+        {
+            self.paths.push((rel.to_owned(), why));
+        }
+    }
+
+    /// Adds what the scan of the target left out (mount points, other file systems).
+    fn with_scan(mut self, dir: &Path, scan: &Scan) -> Self {
+        for s in &scan.skipped {
+            if let Some(why) = s.fence {
+                self.add(dir, &s.path, why);
+            }
+        }
+        self
+    }
+
+    /// The fence `path` is at or below.
+    fn inside(&self, path: &str) -> Option<&(String, Reason)> {
+        self.paths.iter().find(|(f, _)| {
+            path == f
+                || path
+                    .strip_prefix(f.as_str())
+                    .is_some_and(|r| r.starts_with('/'))
+        })
+    }
+
+    /// The fence `path` holds (so it must stay the directory it is).
+    fn holds(&self, path: &str) -> Option<&(String, Reason)> {
+        self.paths
+            .iter()
+            .find(|(f, _)| f.strip_prefix(path).is_some_and(|r| r.starts_with('/')))
+    }
 }
 
 /// rsync's quick check: the same kind, mode and, for a file, size and mtime; for a symlink,
@@ -103,40 +247,102 @@ fn same(e: &Entry, s: &Entry) -> bool {
         }
 }
 
-fn plan(version: u64, obj: &VersionObject, current: &[Entry], strategy: Strategy) -> LoadPlan {
-    let cur: HashMap<&str, &Entry> = current.iter().map(|s| (s.path.as_str(), s)).collect();
+fn plan(
+    version: u64,
+    obj: &VersionObject,
+    dir: &Path,
+    current: &Scan,
+    fences: &Fenced,
+    strategy: Strategy,
+) -> LoadPlan {
+    let cur: HashMap<&str, &Entry> = current
+        .entries
+        .iter()
+        .map(|s| (s.path.as_str(), s))
+        .collect();
     let mut out = LoadPlan {
         version,
         ..LoadPlan::default()
     };
+    let mut left_alone = |path: &str, reason: String| {
+        if !out.left_alone.iter().any(|l| l.path == path) {
+            out.left_alone.push(LeftAlone {
+                path: path.to_owned(),
+                reason,
+            });
+        }
+    };
+    let holds = |why: Reason| format!("it holds {}", why.describe());
+    let mut changes = Vec::new();
+    let mut bytes = 0;
+    let mut unchanged = 0;
+    let mut dirs = Vec::new();
     for e in &obj.manifest.entries {
+        if let Some((fence, why)) = fences.inside(&e.path) {
+            left_alone(fence, why.describe().to_owned());
+            continue;
+        }
+        if e.kind == Kind::Dir {
+            dirs.push(e.path.clone());
+        }
+        if e.kind != Kind::Dir
+            && let Some((_, why)) = fences.holds(&e.path)
+        {
+            left_alone(&e.path, holds(*why));
+            continue;
+        }
         let action = match cur.get(e.path.as_str()) {
             None => Action::Add,
             Some(s) if same(e, s) => {
-                out.unchanged += 1;
+                unchanged += 1;
                 continue;
             }
             Some(_) => Action::Change,
         };
-        out.changes.push((e.path.clone(), action));
+        changes.push((e.path.clone(), action));
         if e.kind == Kind::File {
-            out.bytes += e.size;
+            bytes += e.size;
         }
     }
+    let mut removals = Vec::new();
     if strategy == Strategy::Overwrite {
+        // What overwrite would otherwise have removed.
+        for s in &current.skipped {
+            if let (Some(why), Ok(rel)) = (s.fence, s.path.strip_prefix(dir)) {
+                left_alone(&rel.to_string_lossy(), why.describe().to_owned());
+            }
+        }
         let wanted: HashSet<&str> = obj
             .manifest
             .entries
             .iter()
             .map(|e| e.path.as_str())
             .collect();
-        for s in current {
-            if !wanted.contains(s.path.as_str()) {
-                out.changes.push((s.path.clone(), Action::Remove));
+        for s in &current.entries {
+            if wanted.contains(s.path.as_str()) {
+                continue;
             }
+            if let Some((_, why)) = fences.holds(&s.path) {
+                left_alone(&s.path, holds(*why));
+                continue;
+            }
+            changes.push((s.path.clone(), Action::Remove));
+            removals.push(dir.join(&s.path));
+        }
+        for path in &current.foreign {
+            let shown = path.strip_prefix(dir).unwrap_or(path).to_string_lossy();
+            changes.push((shown.into_owned(), Action::Remove));
+            removals.push(path.clone());
         }
     }
-    out.changes.sort();
+    changes.sort();
+    // Deepest first: a directory's contents before the directory.
+    removals.sort_by(|a, b| b.cmp(a));
+    out.changes = changes;
+    out.bytes = bytes;
+    out.unchanged = unchanged;
+    out.removals = removals;
+    out.dirs = dirs;
     out
 }
 
@@ -146,6 +352,7 @@ async fn apply(
     obj: &VersionObject,
     dir: &Path,
     plan: &LoadPlan,
+    cancel: &CancellationToken,
     progress: &Arc<dyn Progress>,
 ) -> PodResult<()> {
     let entries: HashMap<&str, &Entry> = obj
@@ -162,13 +369,7 @@ async fn apply(
         .collect();
 
     // 1. Removals (overwrite), deepest first, and directories, parents first.
-    let removals: Vec<PathBuf> = plan
-        .changes
-        .iter()
-        .rev()
-        .filter(|(_, a)| *a == Action::Remove)
-        .map(|(p, _)| dir.join(p))
-        .collect();
+    let removals = plan.removals.clone();
     let dirs: Vec<(PathBuf, u32)> = touched
         .iter()
         .filter(|e| e.kind == Kind::Dir)
@@ -187,7 +388,7 @@ async fn apply(
     })
     .await?;
 
-    // 2. Files and symlinks, several at once.
+    // 2. Files and symlinks, several at once, until cancelled.
     progress.start("loading", plan.bytes);
     let budget = ReadBudget::default();
     let ctx = WriteCtx {
@@ -201,16 +402,21 @@ async fn apply(
     futures::stream::iter(jobs(&touched))
         .map(|job| ctx.run(job))
         .buffer_unordered(FILES_IN_FLIGHT)
+        .take_until(cancel.cancelled())
         .try_collect::<()>()
         .await?;
     progress.finish();
+    if cancel.is_cancelled() {
+        return Err(PodError::Cancelled(
+            "the files written so far are complete; the rest were not loaded",
+        ));
+    }
 
     // 3. Directory modes and mtimes, deepest first (writing into a directory changes its mtime).
-    let mut dir_times: Vec<(PathBuf, u32, FileTime)> = obj
-        .manifest
-        .entries
+    let mut dir_times: Vec<(PathBuf, u32, FileTime)> = plan
+        .dirs
         .iter()
-        .filter(|e| e.kind == Kind::Dir)
+        .filter_map(|p| entries.get(p.as_str()))
         .map(|e| {
             (
                 dir.join(&e.path),

@@ -22,9 +22,25 @@ pub const FORMAT: u32 = 1;
 pub const VERSION_JSON: &str = "version.json";
 pub const MANIFEST_JSON: &str = "manifest.json";
 
-/// Largest `version.json` / `manifest.json` we accept when decompressing (zip-bomb guard).
-const MAX_VERSION_JSON: u64 = 1 << 20;
-const MAX_MANIFEST_JSON: u64 = 1 << 30;
+/// Limits on what a reader accepts (docs/FORMAT.md, *Limits*). They are set from what a real pod
+/// needs, about 10 million entries, and keep memory proportional to real content: the manifest is
+/// parsed streaming, so whitespace or padding in the JSON costs no memory.
+pub mod limits {
+    /// `version.json`, uncompressed.
+    pub const VERSION_JSON: u64 = 1 << 20;
+    /// `manifest.json`, uncompressed (about 226 bytes per entry measured: room for 18 million).
+    pub const MANIFEST_JSON: u64 = 4 << 30;
+    /// Entries in one manifest.
+    pub const ENTRIES: usize = 10_000_000;
+    /// Any one JSON string (a path or symlink target is at most 4096 bytes; escapes take up to
+    /// six bytes per byte).
+    pub const JSON_STRING: usize = 32 << 10;
+    /// A path or symlink target, in bytes (Linux's PATH_MAX).
+    pub const PATH: usize = 4096;
+    /// The whole version object (about 45 bytes per entry deflated, measured): the object is held
+    /// in memory while it is decoded. Backends refuse a larger object before reading it.
+    pub use crate::remote::MAX_VERSION_OBJECT as VERSION_OBJECT;
+}
 
 /// `version.json`: what a version is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,6 +70,7 @@ pub struct VersionInfo {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
     pub format: u32,
+    #[serde(deserialize_with = "bounded_entries")]
     pub entries: Vec<Entry>,
 }
 
@@ -166,66 +183,25 @@ impl VersionObject {
 
     /// Decodes and validates a version zip that should hold version `version` of `pod`.
     pub fn decode(pod: &PodName, version: u64, bytes: Bytes) -> PodResult<Self> {
-        let corrupt = |reason: String| PodError::Corrupt {
-            pod: pod.to_string(),
-            version,
-            reason,
-        };
-        let mut zip = zip::ZipArchive::new(Cursor::new(bytes))
-            .map_err(|e| corrupt(format!("the version object is not a readable zip: {e}")))?;
-        for name in zip.file_names() {
-            let name = name.map_err(|e| corrupt(format!("an entry name is unreadable: {e}")))?;
-            if let Some(reason) = unsafe_path_reason(&name) {
-                return Err(PodError::UnsafePath {
-                    pod: pod.to_string(),
-                    version,
-                    path: name.into_owned(),
-                    reason: reason.to_owned(),
-                });
-            }
-        }
-        let mut read_json = |name: &str, limit: u64| -> PodResult<Vec<u8>> {
-            let file = zip.by_name(name).map_err(|e| {
-                corrupt(format!(
-                    "{name}: {e} (is this a podfs pod? it needs {VERSION_JSON} and {MANIFEST_JSON})"
-                ))
-            })?;
-            let mut buf = Vec::new();
-            file.take(limit + 1)
-                .read_to_end(&mut buf)
-                .map_err(|e| corrupt(format!("{name}: {e}")))?;
-            if buf.len() as u64 > limit {
-                return Err(corrupt(format!("{name} is larger than {limit} bytes")));
-            }
-            Ok(buf)
-        };
-        let info: VersionInfo = serde_json::from_slice(&read_json(VERSION_JSON, MAX_VERSION_JSON)?)
-            .map_err(|e| corrupt(format!("{VERSION_JSON}: {e}")))?;
+        let corrupt = corrupt_fn(pod, version);
+        let mut zip = open_zip(pod, version, bytes)?;
+        let info: VersionInfo =
+            parse_entry(&mut zip, VERSION_JSON, limits::VERSION_JSON).map_err(&corrupt)?;
         let manifest: Manifest =
-            serde_json::from_slice(&read_json(MANIFEST_JSON, MAX_MANIFEST_JSON)?)
-                .map_err(|e| corrupt(format!("{MANIFEST_JSON}: {e}")))?;
+            parse_entry(&mut zip, MANIFEST_JSON, limits::MANIFEST_JSON).map_err(&corrupt)?;
         let obj = Self { info, manifest };
         obj.validate(pod, version)?;
         Ok(obj)
     }
 
     fn validate(&self, pod: &PodName, version: u64) -> PodResult<()> {
-        let corrupt = |reason: String| PodError::Corrupt {
-            pod: pod.to_string(),
-            version,
-            reason,
-        };
+        let corrupt = corrupt_fn(pod, version);
         let info = &self.info;
-        if info.format != FORMAT || self.manifest.format != FORMAT {
+        check_info(info, pod, version).map_err(&corrupt)?;
+        if self.manifest.format != FORMAT {
             return Err(corrupt(format!(
-                "format {} is not supported by this podfs (it reads format {FORMAT}): upgrade podfs",
-                info.format.max(self.manifest.format)
-            )));
-        }
-        if info.pod != pod.as_str() || info.version != version {
-            return Err(corrupt(format!(
-                "the object says it is version {} of pod {:?}",
-                info.version, info.pod
+                "manifest format {} is not supported by this podfs (it reads format {FORMAT}): upgrade podfs",
+                self.manifest.format
             )));
         }
         if info.parent.is_some_and(|p| p >= version) {
@@ -262,6 +238,21 @@ impl VersionObject {
             }
             if e.mode > 0o7777 {
                 return Err(corrupt(format!("{:?} has mode {:o}", e.path, e.mode)));
+            }
+            if e.mtime_nsec > 999_999_999 {
+                return Err(corrupt(format!(
+                    "{:?} has mtime_nsec {} (at most 999999999)",
+                    e.path, e.mtime_nsec
+                )));
+            }
+            if e.path.len() > limits::PATH
+                || e.target.as_ref().is_some_and(|t| t.len() > limits::PATH)
+            {
+                return Err(corrupt(format!(
+                    "{:?} has a path or symlink target longer than {} bytes",
+                    e.path,
+                    limits::PATH
+                )));
             }
             match (e.kind, &e.target, &e.data) {
                 (Kind::Dir, None, None) => {
@@ -303,31 +294,193 @@ impl VersionObject {
     }
 }
 
-/// Reads only `version.json` from a version zip (cheaper than a full decode for listings).
+/// Reads only `version.json` from a version zip (cheaper than a full decode for listings), with
+/// the same checks and limits as [`VersionObject::decode`].
 pub fn decode_info(pod: &PodName, version: u64, bytes: Bytes) -> PodResult<VersionInfo> {
-    let corrupt = |reason: String| PodError::Corrupt {
-        pod: pod.to_string(),
+    let corrupt = corrupt_fn(pod, version);
+    let mut zip = open_zip(pod, version, bytes)?;
+    let info: VersionInfo =
+        parse_entry(&mut zip, VERSION_JSON, limits::VERSION_JSON).map_err(&corrupt)?;
+    check_info(&info, pod, version).map_err(corrupt)?;
+    Ok(info)
+}
+
+fn corrupt_fn(pod: &PodName, version: u64) -> impl Fn(String) -> PodError {
+    let pod = pod.to_string();
+    move |reason| PodError::Corrupt {
+        pod: pod.clone(),
         version,
         reason,
-    };
-    let mut zip = zip::ZipArchive::new(Cursor::new(bytes))
-        .map_err(|e| corrupt(format!("the version object is not a readable zip: {e}")))?;
-    let file = zip
-        .by_name(VERSION_JSON)
-        .map_err(|e| corrupt(format!("{VERSION_JSON}: {e} (is this a podfs pod?)")))?;
-    let mut buf = Vec::new();
-    file.take(MAX_VERSION_JSON)
-        .read_to_end(&mut buf)
-        .map_err(|e| corrupt(format!("{VERSION_JSON}: {e}")))?;
-    let info: VersionInfo =
-        serde_json::from_slice(&buf).map_err(|e| corrupt(format!("{VERSION_JSON}: {e}")))?;
-    if info.format != FORMAT || info.pod != pod.as_str() || info.version != version {
+    }
+}
+
+/// What `version.json` must say of itself: format 1, this pod, this version.
+fn check_info(info: &VersionInfo, pod: &PodName, version: u64) -> Result<(), String> {
+    if info.format != FORMAT {
+        return Err(format!(
+            "format {} is not supported by this podfs (it reads format {FORMAT}): upgrade podfs",
+            info.format
+        ));
+    }
+    if info.pod != pod.as_str() || info.version != version {
+        return Err(format!(
+            "the object says it is version {} of pod {:?}",
+            info.version, info.pod
+        ));
+    }
+    Ok(())
+}
+
+/// Opens a version zip, refusing one that is too large, unreadable, or has an unsafe or repeated
+/// entry name (a second `manifest.json` must not silently win).
+fn open_zip(
+    pod: &PodName,
+    version: u64,
+    bytes: Bytes,
+) -> PodResult<zip::ZipArchive<Cursor<Bytes>>> {
+    let corrupt = corrupt_fn(pod, version);
+    if bytes.len() as u64 > limits::VERSION_OBJECT {
         return Err(corrupt(format!(
-            "the object says it is version {} of pod {:?} in format {}",
-            info.version, info.pod, info.format
+            "the version object is larger than {} bytes",
+            limits::VERSION_OBJECT
         )));
     }
-    Ok(info)
+    let zip = zip::ZipArchive::new(Cursor::new(bytes))
+        .map_err(|e| corrupt(format!("the version object is not a readable zip: {e}")))?;
+    if zip.has_duplicate_names() {
+        return Err(corrupt(
+            "the version zip has two entries with the same name (which one counts would be a guess)"
+                .into(),
+        ));
+    }
+    for name in zip.file_names() {
+        let name = name.map_err(|e| corrupt(format!("an entry name is unreadable: {e}")))?;
+        if let Some(reason) = unsafe_path_reason(&name) {
+            return Err(PodError::UnsafePath {
+                pod: pod.to_string(),
+                version,
+                path: name.into_owned(),
+                reason: reason.to_owned(),
+            });
+        }
+    }
+    Ok(zip)
+}
+
+/// Parses zip entry `name` as JSON while it is inflated, so the JSON text is never held whole:
+/// at most `limit` bytes, no string longer than [`limits::JSON_STRING`].
+fn parse_entry<T: serde::de::DeserializeOwned>(
+    zip: &mut zip::ZipArchive<Cursor<Bytes>>,
+    name: &str,
+    limit: u64,
+) -> Result<T, String> {
+    let file = zip.by_name(name).map_err(|e| {
+        format!("{name}: {e} (is this a podfs pod? it needs {VERSION_JSON} and {MANIFEST_JSON})")
+    })?;
+    // The guard sees the inflated text in large pieces; the parser reads it byte by byte from
+    // the buffer in front.
+    let mut reader = std::io::BufReader::with_capacity(64 << 10, JsonGuard::new(file, limit));
+    let parsed = serde_json::from_reader(&mut reader);
+    match (parsed, reader.into_inner().broken) {
+        (Ok(v), None) => Ok(v),
+        (_, Some(why)) => Err(format!("{name} {why}")),
+        (Err(e), None) => Err(format!("{name}: {e}")),
+    }
+}
+
+/// A reader that passes JSON text through and fails once it is longer than its limit or holds a
+/// string longer than [`limits::JSON_STRING`] (the parser would buffer such a string whole).
+struct JsonGuard<R> {
+    inner: R,
+    left: u64,
+    limit: u64,
+    in_string: bool,
+    escaped: bool,
+    string_len: usize,
+    broken: Option<String>,
+}
+
+impl<R: Read> JsonGuard<R> {
+    fn new(inner: R, limit: u64) -> Self {
+        Self {
+            inner,
+            left: limit,
+            limit,
+            in_string: false,
+            escaped: false,
+            string_len: 0,
+            broken: None,
+        }
+    }
+
+    fn fail(&mut self, why: String) -> std::io::Error {
+        let e = std::io::Error::other(why.clone());
+        self.broken = Some(why);
+        e
+    }
+}
+
+impl<R: Read> Read for JsonGuard<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n as u64 > self.left {
+            let limit = self.limit;
+            return Err(self.fail(format!("is larger than {limit} bytes")));
+        }
+        self.left -= n as u64;
+        for &b in &buf[..n] {
+            if !self.in_string {
+                if b == b'"' {
+                    self.in_string = true;
+                    self.string_len = 0;
+                }
+                continue;
+            }
+            self.string_len += 1;
+            if self.escaped {
+                self.escaped = false;
+            } else if b == b'\\' {
+                self.escaped = true;
+            } else if b == b'"' {
+                self.in_string = false;
+            }
+            if self.string_len > limits::JSON_STRING {
+                return Err(self.fail(format!(
+                    "holds a string longer than {} bytes",
+                    limits::JSON_STRING
+                )));
+            }
+        }
+        Ok(n)
+    }
+}
+
+/// Deserializes `entries`, refusing more than [`limits::ENTRIES`] before allocating them.
+fn bounded_entries<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Entry>, D::Error> {
+    struct Bounded;
+    impl<'de> serde::de::Visitor<'de> for Bounded {
+        type Value = Vec<Entry>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            write!(f, "a list of at most {} entries", limits::ENTRIES)
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Vec<Entry>, A::Error> {
+            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+            while let Some(e) = seq.next_element()? {
+                if out.len() == limits::ENTRIES {
+                    return Err(serde::de::Error::custom(format!(
+                        "more than {} entries",
+                        limits::ENTRIES
+                    )));
+                }
+                out.push(e);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_seq(Bounded)
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 //! delete operations on any [`Remote`](crate::remote::Remote).
 
 pub mod delete;
+pub mod fence;
 pub mod load;
 pub mod manifest;
 pub mod read;
@@ -16,8 +17,15 @@ use std::str::FromStr;
 use crate::remote::RemoteError;
 
 /// A pod name: `^[A-Za-z0-9_-]+$`, at most 128 characters.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PodName(String);
+
+/// Shown as the quoted name (`"my-pod"`), as messages quote names.
+impl fmt::Debug for PodName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
 
 impl PodName {
     pub fn new(name: &str) -> Result<Self, PodError> {
@@ -110,6 +118,10 @@ pub enum PodError {
     },
     #[error("{path}: {reason}")]
     Unsupported { path: PathBuf, reason: String },
+    #[error("refusing to load into {path}: {reason}")]
+    Refused { path: PathBuf, reason: String },
+    #[error("interrupted: {0}")]
+    Cancelled(&'static str),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -120,6 +132,14 @@ pub enum PodError {
     Remote(#[from] RemoteError),
     #[error("gave up saving after {0} attempts: other writers keep taking the next version number")]
     TooManyConflicts(u32),
+    #[error(
+        "pod {pod:?} on remote {remote:?} already has version {last}, the largest number there is: no number is left for a new version (save under another pod name)"
+    )]
+    NoVersionNumberLeft {
+        pod: String,
+        remote: String,
+        last: u64,
+    },
 }
 
 impl PodError {

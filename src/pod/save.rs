@@ -10,11 +10,14 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::fence::Fences;
 use super::manifest::{DataRef, Entry, FORMAT, Kind, Manifest, VersionInfo, VersionObject};
 use super::read::read_version;
-use super::scan::{Exclude, scan};
+use super::scan::{ScanOptions, Skipped, scan};
 use super::state::{DEFAULT_COMPRESS_BELOW, StateInput, write_state_zip};
 use super::{PodError, PodName, PodResult, blocking};
+use tokio_util::sync::CancellationToken;
+
 use crate::progress::Progress;
 use crate::remote::{Remote, RemoteError};
 
@@ -31,8 +34,14 @@ pub struct SaveParams {
     pub staging_dir: PathBuf,
     /// Files below this size are deflated, others stored.
     pub compress_below: u64,
-    /// Directories never saved (podfs's own volume dir, when it is inside the tree).
+    /// Directories never saved (podfs's own volume dir, when it is inside the tree). podfs
+    /// mounts are never saved either.
     pub exclude: Vec<PathBuf>,
+    /// Leave out directories on another file system than the tree's.
+    pub one_file_system: bool,
+    /// Stops the save before it commits; it then fails with [`PodError::Cancelled`] and leaves
+    /// nothing behind (backends abort their uploads).
+    pub cancel: CancellationToken,
 }
 
 impl Default for SaveParams {
@@ -43,6 +52,8 @@ impl Default for SaveParams {
             staging_dir: std::env::temp_dir(),
             compress_below: DEFAULT_COMPRESS_BELOW,
             exclude: Vec::new(),
+            one_file_system: false,
+            cancel: CancellationToken::new(),
         }
     }
 }
@@ -59,8 +70,8 @@ pub struct SaveOutcome {
     pub changed_files: u64,
     /// Size of the uploaded state object.
     pub stored_bytes: u64,
-    /// Sockets, FIFOs and devices left out.
-    pub skipped: Vec<PathBuf>,
+    /// What the scan left out: sockets, FIFOs and devices, the volume dir, mounts.
+    pub skipped: Vec<Skipped>,
 }
 
 /// Saves `dir` as the next version of `pod` on `remote`.
@@ -74,8 +85,11 @@ pub async fn save(
     // Made first, so an excluded volume dir that holds it exists when the scan looks for it.
     std::fs::create_dir_all(&params.staging_dir).map_err(PodError::io(&params.staging_dir))?;
     let root = dir.to_owned();
-    let exclude = params.exclude.clone();
-    let scanned = blocking(move || scan(&root, &Exclude::dirs(&exclude))).await?;
+    let opts = ScanOptions {
+        fences: Fences::new(dir, &params.exclude, params.one_file_system),
+        lenient_names: false,
+    };
+    let scanned = blocking(move || scan(&root, &opts)).await?;
     let previous = remote.list_versions(pod).await?.last().copied();
     let prev = match previous {
         Some(v) => Some(read_version(remote, pod, v).await?),
@@ -128,8 +142,11 @@ pub async fn save(
         let dest = staged.path().to_owned();
         let compress_below = params.compress_below;
         let p = Arc::clone(progress);
-        let stored = blocking(move || write_state_zip(&dest, &inputs, compress_below, &*p)).await?;
+        let cancel = params.cancel.clone();
+        let stored =
+            blocking(move || write_state_zip(&dest, &inputs, compress_below, &*p, &cancel)).await;
         progress.finish();
+        let stored = stored.map_err(|e| cancelled_or(&params.cancel, e))?;
         for (&i, s) in plan.to_store.iter().zip(&stored) {
             let e = &mut entries[i];
             e.size = s.size; // the file may have changed since the scan
@@ -148,7 +165,15 @@ pub async fn save(
         outcome.logical_bytes = entries.iter().map(|e| e.size).sum();
     }
 
-    let mut n = previous.unwrap_or(0) + 1;
+    let next = |n: u64| {
+        n.checked_add(1)
+            .ok_or_else(|| PodError::NoVersionNumberLeft {
+                pod: pod.to_string(),
+                remote: remote.name().to_owned(),
+                last: n,
+            })
+    };
+    let mut n = next(previous.unwrap_or(0))?;
     for _ in 0..MAX_ATTEMPTS {
         if has_state {
             progress.start("uploading", outcome.stored_bytes);
@@ -156,15 +181,24 @@ pub async fn save(
                 .put_state(pod, n, staged.path(), Arc::clone(progress))
                 .await;
             progress.finish();
+            if params.cancel.is_cancelled() {
+                return Err(PodError::Cancelled(NOTHING_SAVED));
+            }
             match put {
                 Ok(()) => {}
                 Err(RemoteError::AlreadyExists(_)) => {
                     tracing::info!(pod = %pod, version = n, "state object taken, trying the next number");
-                    n += 1;
+                    n = next(n)?;
                     continue;
                 }
                 Err(e) => return Err(e.into()),
             }
+        }
+        if params.cancel.is_cancelled() {
+            if has_state && let Err(e) = remote.delete_state(pod, n).await {
+                tracing::warn!(pod = %pod, state = n, "could not remove an unused state object: {e}");
+            }
+            return Err(PodError::Cancelled(NOTHING_SAVED));
         }
         let obj = version_object(pod, n, previous, &entries, &plan.to_store, params, &outcome);
         let states = obj.info.states.clone();
@@ -179,12 +213,23 @@ pub async fn save(
                 if has_state && let Err(e) = remote.delete_state(pod, n).await {
                     tracing::warn!(pod = %pod, state = n, "could not remove an unused state object: {e}");
                 }
-                n += 1;
+                n = next(n)?;
             }
             Err(e) => return Err(e.into()),
         }
     }
     Err(PodError::TooManyConflicts(MAX_ATTEMPTS))
+}
+
+const NOTHING_SAVED: &str = "nothing was saved (the staged and partly uploaded data were removed)";
+
+/// `e`, or [`PodError::Cancelled`] if the save was cancelled (the error is then its echo).
+fn cancelled_or(cancel: &CancellationToken, e: PodError) -> PodError {
+    if cancel.is_cancelled() {
+        PodError::Cancelled(NOTHING_SAVED)
+    } else {
+        e
+    }
 }
 
 /// Staged state zips are named `save-*.zip` in the staging dir.

@@ -4,6 +4,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use super::fence::{Fences, Reason};
 use super::manifest::{Entry, Kind};
 use super::{PodError, PodResult};
 
@@ -32,37 +33,38 @@ fn entry_from(path: String, md: &std::fs::Metadata, target: Option<String>) -> O
     })
 }
 
-/// What a scan found: entries sorted by path bytes, and what it skipped.
+/// What a scan found: entries sorted by path bytes, and what it left out.
 #[derive(Debug, Default)]
 pub struct Scan {
     /// Manifest-shaped entries with no `data` yet.
     pub entries: Vec<Entry>,
-    /// Sockets, FIFOs and device files, which a pod cannot hold, and excluded directories.
-    pub skipped: Vec<PathBuf>,
+    /// What was left out, in the order met.
+    pub skipped: Vec<Skipped>,
+    /// Paths whose names a pod cannot hold (not UTF-8, or with `\`), found by a lenient scan.
+    pub foreign: Vec<PathBuf>,
 }
 
-/// Directories a scan leaves out, by identity (device, inode), e.g. podfs's own volume dir.
+/// A path a scan left out, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    pub path: PathBuf,
+    /// `None`: a socket, FIFO or device, which a pod cannot hold.
+    pub fence: Option<Reason>,
+}
+
+/// How to scan.
 #[derive(Debug, Clone, Default)]
-pub struct Exclude(Vec<(u64, u64)>);
-
-impl Exclude {
-    /// Excludes each existing directory of `dirs` (missing ones are ignored).
-    pub fn dirs(dirs: &[PathBuf]) -> Self {
-        Self(
-            dirs.iter()
-                .filter_map(|d| std::fs::metadata(d).ok())
-                .map(|m| (m.dev(), m.ino()))
-                .collect(),
-        )
-    }
-    fn contains(&self, md: &std::fs::Metadata) -> bool {
-        self.0.contains(&(md.dev(), md.ino()))
-    }
+pub struct ScanOptions {
+    /// Directories not to enter.
+    pub fences: Fences,
+    /// Collect names a pod cannot hold in [`Scan::foreign`] instead of failing (a load's scan of
+    /// its target: such files are not the pod's business).
+    pub lenient_names: bool,
 }
 
-/// Scans `root` (which must be a directory), leaving out `exclude`. Paths must be UTF-8 and
-/// free of backslashes.
-pub fn scan(root: &Path, exclude: &Exclude) -> PodResult<Scan> {
+/// Scans `root` (which must be a directory). Paths must be UTF-8 and free of backslashes, unless
+/// `opts.lenient_names`.
+pub fn scan(root: &Path, opts: &ScanOptions) -> PodResult<Scan> {
     let md = std::fs::metadata(root).map_err(PodError::io(root))?;
     if !md.is_dir() {
         return Err(PodError::Unsupported {
@@ -71,13 +73,13 @@ pub fn scan(root: &Path, exclude: &Exclude) -> PodResult<Scan> {
         });
     }
     let mut out = Scan::default();
-    walk(root, "", exclude, &mut out)?;
+    walk(root, "", opts, &mut out)?;
     out.entries
         .sort_by(|a, b| a.path.as_bytes().cmp(b.path.as_bytes()));
     Ok(out)
 }
 
-fn walk(dir: &Path, rel: &str, exclude: &Exclude, out: &mut Scan) -> PodResult<()> {
+fn walk(dir: &Path, rel: &str, opts: &ScanOptions, out: &mut Scan) -> PodResult<()> {
     let rd = std::fs::read_dir(dir).map_err(PodError::io(dir))?;
     for entry in rd {
         let entry = entry.map_err(PodError::io(dir))?;
@@ -85,6 +87,10 @@ fn walk(dir: &Path, rel: &str, exclude: &Exclude, out: &mut Scan) -> PodResult<(
         let name = entry.file_name();
         let name = match std::str::from_utf8(name.as_bytes()) {
             Ok(n) if !n.contains('\\') => n.to_owned(),
+            _ if opts.lenient_names => {
+                out.foreign.push(abs);
+                continue;
+            }
             _ => {
                 return Err(PodError::Unsupported {
                     path: abs,
@@ -102,12 +108,33 @@ fn walk(dir: &Path, rel: &str, exclude: &Exclude, out: &mut Scan) -> PodResult<(
             Ok(md) => md,
             // Removed while we walked: it is simply not part of this snapshot.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(PodError::io(&abs)(e)),
+            // A dead podfs mount answers ENOTCONN: it is left out like a live one.
+            Err(e) => match opts.fences.reason(&abs, None) {
+                Some(fence) => {
+                    out.skipped.push(Skipped {
+                        path: abs,
+                        fence: Some(fence),
+                    });
+                    continue;
+                }
+                None => return Err(PodError::io(&abs)(e)),
+            },
         };
+        if let Some(fence) = opts.fences.reason(&abs, Some(&md)) {
+            out.skipped.push(Skipped {
+                path: abs,
+                fence: Some(fence),
+            });
+            continue;
+        }
         let target = if md.file_type().is_symlink() {
             let t = std::fs::read_link(&abs).map_err(PodError::io(&abs))?;
             match t.to_str() {
                 Some(t) => Some(t.to_owned()),
+                None if opts.lenient_names => {
+                    out.foreign.push(abs);
+                    continue;
+                }
                 None => {
                     return Err(PodError::Unsupported {
                         path: abs,
@@ -118,20 +145,19 @@ fn walk(dir: &Path, rel: &str, exclude: &Exclude, out: &mut Scan) -> PodResult<(
         } else {
             None
         };
-        if md.is_dir() && exclude.contains(&md) {
-            out.skipped.push(abs);
-            continue;
-        }
         match entry_from(path, &md, target) {
             Some(s) => {
                 let is_dir = s.kind == Kind::Dir;
                 let rel = s.path.clone();
                 out.entries.push(s);
                 if is_dir {
-                    walk(&abs, &rel, exclude, out)?;
+                    walk(&abs, &rel, opts, out)?;
                 }
             }
-            None => out.skipped.push(abs),
+            None => out.skipped.push(Skipped {
+                path: abs,
+                fence: None,
+            }),
         }
     }
     Ok(())
@@ -149,16 +175,26 @@ mod tests {
         std::fs::create_dir(r.join("a-b")).unwrap();
         std::fs::write(r.join("a/b/f"), b"hello").unwrap();
         std::os::unix::fs::symlink("../x", r.join("a/l")).unwrap();
-        let s = scan(r, &Exclude::default()).unwrap();
+        let s = scan(r, &ScanOptions::default()).unwrap();
         let paths: Vec<_> = s.entries.iter().map(|e| e.path.as_str()).collect();
         assert_eq!(paths, ["a", "a-b", "a/b", "a/b/f", "a/l"]);
         assert_eq!(s.entries[3].size, 5);
         assert_eq!(s.entries[4].target.as_deref(), Some("../x"));
         assert_eq!(s.entries[4].kind, Kind::Symlink);
 
-        let s = scan(r, &Exclude::dirs(&[r.join("a/b")])).unwrap();
+        let opts = ScanOptions {
+            fences: Fences::new(r, &[r.join("a/b")], false),
+            ..ScanOptions::default()
+        };
+        let s = scan(r, &opts).unwrap();
         let paths: Vec<_> = s.entries.iter().map(|e| e.path.as_str()).collect();
         assert_eq!(paths, ["a", "a-b", "a/l"]);
-        assert_eq!(s.skipped, [r.join("a/b")]);
+        assert_eq!(
+            s.skipped,
+            [Skipped {
+                path: r.join("a/b"),
+                fence: Some(Reason::Volume)
+            }]
+        );
     }
 }

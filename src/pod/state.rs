@@ -14,6 +14,8 @@ use zip::{CompressionMethod, DateTime};
 
 use super::manifest::Method;
 use super::{PodError, PodResult};
+use tokio_util::sync::CancellationToken;
+
 use crate::progress::Progress;
 
 /// Files below this size are deflated by default.
@@ -43,11 +45,13 @@ pub struct StoredEntry {
 }
 
 /// Writes `inputs` as a zip into `dest` and returns, in input order, where each entry's data is.
+/// Stops with an error soon after `cancel` is cancelled.
 pub fn write_state_zip(
     dest: &Path,
     inputs: &[StateInput],
     compress_below: u64,
     progress: &dyn Progress,
+    cancel: &CancellationToken,
 ) -> PodResult<Vec<StoredEntry>> {
     let file = File::create(dest).map_err(PodError::io(dest))?;
     let mut zip = zip::ZipWriter::new(BufWriter::with_capacity(1 << 20, file));
@@ -75,6 +79,7 @@ pub fn write_state_zip(
         let mut reader = Counting {
             inner: src.take(limit),
             progress,
+            cancel,
         };
         io::copy(&mut reader, &mut zip).map_err(PodError::io(&input.source))?;
     }
@@ -133,10 +138,14 @@ fn read_back(dest: &Path, inputs: &[StateInput]) -> PodResult<Vec<StoredEntry>> 
 struct Counting<'a, R> {
     inner: R,
     progress: &'a dyn Progress,
+    cancel: &'a CancellationToken,
 }
 
 impl<R: Read> Read for Counting<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.cancel.is_cancelled() {
+            return Err(io::Error::other("cancelled"));
+        }
         let n = self.inner.read(buf)?;
         self.progress.advance(n as u64);
         Ok(n)
@@ -201,7 +210,14 @@ mod tests {
             input(d.path(), "empty", b""),
         ];
         let dest = d.path().join("state.zip");
-        let stored = write_state_zip(&dest, &inputs, DEFAULT_COMPRESS_BELOW, &NoProgress).unwrap();
+        let stored = write_state_zip(
+            &dest,
+            &inputs,
+            DEFAULT_COMPRESS_BELOW,
+            &NoProgress,
+            &CancellationToken::new(),
+        )
+        .unwrap();
         assert_eq!(stored[0].method, Method::Deflate);
         assert_eq!(stored[1].method, Method::Stored);
         let f = File::open(&dest).unwrap();
@@ -241,7 +257,14 @@ mod tests {
             input(d.path(), "after", b"after the huge one"),
         ];
         let dest = d.path().join("state.zip");
-        let stored = write_state_zip(&dest, &inputs, DEFAULT_COMPRESS_BELOW, &NoProgress).unwrap();
+        let stored = write_state_zip(
+            &dest,
+            &inputs,
+            DEFAULT_COMPRESS_BELOW,
+            &NoProgress,
+            &CancellationToken::new(),
+        )
+        .unwrap();
         assert_eq!(stored[1].size, size);
         assert_eq!(stored[1].csize, size);
         assert!(

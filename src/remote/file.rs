@@ -15,8 +15,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::{
-    ObjectId, ObjectKind, Remote, RemoteError, RemoteResult, numbers_among, object_name,
-    parse_object_name, pods_among,
+    MAX_VERSION_OBJECT, ObjectId, ObjectKind, Remote, RemoteError, RemoteResult, numbers_among,
+    object_name, parse_object_name, pods_among, version_object_too_large,
 };
 use crate::pod::PodName;
 use crate::progress::Progress;
@@ -74,6 +74,34 @@ async fn blocking<T: Send + 'static>(
             context: "background task".into(),
             source: io::Error::other(e),
         })?
+}
+
+/// Opens object `path` for reading, with its size. Refuses anything but a regular file (a FIFO
+/// would block forever, a device never ends) without blocking on the open.
+fn open_object(remote: &str, path: &Path, missing: RemoteError) -> RemoteResult<(File, u64)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(missing),
+        Err(e) => return Err(RemoteError::io(format!("opening {}", path.display()))(e)),
+    };
+    let md = file
+        .metadata()
+        .map_err(RemoteError::io(format!("reading {}", path.display())))?;
+    if !md.is_file() {
+        return Err(RemoteError::Other {
+            remote: remote.to_owned(),
+            detail: format!(
+                "{} is not a regular file: podfs objects are plain files (remove it from the remote's directory)",
+                path.display()
+            ),
+        });
+    }
+    Ok((file, md.len()))
 }
 
 /// Links `tmp` to `dest` only if `dest` is absent, then removes `tmp` and syncs the directory.
@@ -139,10 +167,20 @@ impl Remote for FileRemote {
     async fn read_version(&self, pod: &PodName, version: u64) -> RemoteResult<Bytes> {
         let path = self.path(pod, ObjectKind::Version, version);
         let missing = self.not_found(format!("version {version} of pod {pod:?}"));
-        blocking(move || match std::fs::read(&path) {
-            Ok(b) => Ok(Bytes::from(b)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(missing),
-            Err(e) => Err(RemoteError::io(format!("reading {}", path.display()))(e)),
+        let remote = self.name.clone();
+        blocking(move || {
+            let (file, size) = open_object(&remote, &path, missing)?;
+            let what = path.display().to_string();
+            if size > MAX_VERSION_OBJECT {
+                return Err(version_object_too_large(&remote, &what, size));
+            }
+            let mut buf = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+            io::Read::read_to_end(&mut io::Read::take(&file, MAX_VERSION_OBJECT + 1), &mut buf)
+                .map_err(RemoteError::io(format!("reading {what}")))?;
+            if buf.len() as u64 > MAX_VERSION_OBJECT {
+                return Err(version_object_too_large(&remote, &what, buf.len() as u64));
+            }
+            Ok(Bytes::from(buf))
         })
         .await
     }
@@ -156,30 +194,24 @@ impl Remote for FileRemote {
     ) -> RemoteResult<Bytes> {
         let path = self.path(pod, ObjectKind::State, state);
         let missing = self.not_found(format!("state object {state} of pod {pod:?}"));
+        let remote = self.name.clone();
         blocking(move || {
-            let file = match File::open(&path) {
-                Ok(f) => f,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(missing),
-                Err(e) => return Err(RemoteError::io(format!("opening {}", path.display()))(e)),
-            };
-            let len = usize::try_from(range.end.saturating_sub(range.start)).map_err(|_| {
-                RemoteError::io(format!("reading {}", path.display()))(io::Error::other(
-                    "range too large",
-                ))
-            })?;
-            // Like a ranged GET: a range past the end yields fewer bytes, which callers check.
-            let mut buf = vec![0u8; len];
-            let mut filled = 0;
-            while filled < len {
-                let n = file
-                    .read_at(&mut buf[filled..], range.start + filled as u64)
-                    .map_err(RemoteError::io(format!("reading {}", path.display())))?;
-                if n == 0 {
-                    break;
-                }
-                filled += n;
+            let (file, size) = open_object(&remote, &path, missing)?;
+            if range.start > range.end || range.end > size {
+                return Err(RemoteError::Other {
+                    remote,
+                    detail: format!(
+                        "bytes {}..{} are past the end of {} ({size} bytes): the state object is truncated, or its version points outside it",
+                        range.start,
+                        range.end,
+                        path.display()
+                    ),
+                });
             }
-            buf.truncate(filled);
+            // Bounded by `size`, which the object really has.
+            let mut buf = vec![0u8; (range.end - range.start) as usize];
+            file.read_exact_at(&mut buf, range.start)
+                .map_err(RemoteError::io(format!("reading {}", path.display())))?;
             Ok(Bytes::from(buf))
         })
         .await

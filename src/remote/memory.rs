@@ -95,10 +95,14 @@ impl Remote for MemoryRemote {
             .lock()
             .get(&name)
             .cloned()
-            .ok_or(RemoteError::NotFound(name))?;
-        let len = bytes.len() as u64;
-        let (a, b) = (range.start.min(len), range.end.min(len));
-        Ok(bytes.slice(a as usize..b as usize))
+            .ok_or_else(|| RemoteError::NotFound(name.clone()))?;
+        if range.start > range.end || range.end > bytes.len() as u64 {
+            return Err(RemoteError::Other {
+                remote: self.name().to_owned(),
+                detail: format!("bytes {range:?} are past the end of {name}"),
+            });
+        }
+        Ok(bytes.slice(range.start as usize..range.end as usize))
     }
 
     async fn put_state(

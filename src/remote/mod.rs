@@ -33,6 +33,8 @@ pub enum RemoteError {
     Unavailable { remote: String, detail: String },
     #[error("remote {remote:?}: {detail}")]
     Other { remote: String, detail: String },
+    #[error("cancelled")]
+    Cancelled,
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -50,6 +52,21 @@ impl RemoteError {
 
 pub type RemoteResult<T> = Result<T, RemoteError>;
 
+/// Largest version object a backend reads: it is held in memory while it is decoded. About 10
+/// million manifest entries (45 bytes each, deflated, measured); docs/FORMAT.md, *Limits*.
+/// Backends refuse a larger object before reading it.
+pub const MAX_VERSION_OBJECT: u64 = 512 << 20;
+
+/// The error for a version object larger than [`MAX_VERSION_OBJECT`].
+pub fn version_object_too_large(remote: &str, what: &str, size: u64) -> RemoteError {
+    RemoteError::Other {
+        remote: remote.to_owned(),
+        detail: format!(
+            "{what} is {size} bytes, more than the {MAX_VERSION_OBJECT} a version object may have: it is not a podfs version (remove it, or check who writes to this remote)"
+        ),
+    }
+}
+
 /// A pod-level object store. Versions are immutable once committed.
 ///
 /// Implementations must allow many concurrent calls (the mount issues parallel range reads).
@@ -65,12 +82,13 @@ pub trait Remote: Send + Sync + std::fmt::Debug {
     /// Committed versions of `pod`, ascending; empty if the pod does not exist.
     async fn list_versions(&self, pod: &PodName) -> RemoteResult<Vec<u64>>;
 
-    /// The whole version object (`localstack-pod-P-version-N.zip`) of a committed version.
+    /// The whole version object (`localstack-pod-P-version-N.zip`) of a committed version; an
+    /// error, before reading it, if it is larger than [`MAX_VERSION_OBJECT`].
     async fn read_version(&self, pod: &PodName, version: u64) -> RemoteResult<Bytes>;
 
     /// Bytes `range` of state object `state`, as referenced by committed version `via` (the
-    /// ORAS backend finds the blob through `via`'s manifest). Where the object is shorter than
-    /// `range`, a backend returns fewer bytes or an error; `pod::read` checks every length.
+    /// ORAS backend finds the blob through `via`'s manifest): exactly those bytes, or an error
+    /// (also where the object is shorter than `range`).
     async fn read_state(
         &self,
         pod: &PodName,
@@ -118,17 +136,24 @@ pub trait Remote: Send + Sync + std::fmt::Debug {
 pub struct OpenParams {
     /// Where large state objects are staged before upload; not used by every backend.
     pub staging_dir: Option<std::path::PathBuf>,
+    /// Cancelled on shutdown (SIGINT/SIGTERM): a backend stops long transfers and cleans up
+    /// after itself (S3 aborts its multipart upload), then fails with [`RemoteError::Cancelled`].
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 /// Opens the backend for a resolved URL.
 pub async fn open(
     name: &str,
     url: &RemoteUrl,
-    _params: &OpenParams,
+    params: &OpenParams,
 ) -> RemoteResult<Arc<dyn Remote>> {
     match url {
         RemoteUrl::File(path) => Ok(Arc::new(file::FileRemote::new(name, path))),
-        RemoteUrl::S3(s3) => Ok(Arc::new(s3::S3Remote::new(name, s3).await?)),
+        RemoteUrl::S3(s3) => Ok(Arc::new(
+            s3::S3Remote::new(name, s3)
+                .await?
+                .with_shutdown(params.shutdown.clone()),
+        )),
         RemoteUrl::Oras(o) => Ok(Arc::new(oras::OrasRemote::new(name, o)?)),
     }
 }

@@ -41,10 +41,11 @@ use aws_sdk_s3::types::{
 };
 use bytes::{Bytes, BytesMut};
 use futures::{StreamExt, TryStreamExt};
+use tokio_util::sync::CancellationToken;
 
 use super::{
-    ObjectId, ObjectKind, Remote, RemoteError, RemoteResult, numbers_among, object_name,
-    parse_object_name, pods_among,
+    MAX_VERSION_OBJECT, ObjectId, ObjectKind, Remote, RemoteError, RemoteResult, numbers_among,
+    object_name, parse_object_name, pods_among, version_object_too_large,
 };
 use crate::config::{ChecksumMode, S3Url};
 use crate::pod::PodName;
@@ -78,6 +79,8 @@ pub struct S3Remote {
     server: String,
     part_size: u64,
     timeout_secs: u64,
+    /// Cancelled on shutdown: a multipart upload in progress stops and is aborted.
+    shutdown: CancellationToken,
 }
 
 impl fmt::Debug for S3Remote {
@@ -176,7 +179,14 @@ impl S3Remote {
             server: url.endpoint.clone().unwrap_or_else(|| "AWS S3".to_owned()),
             part_size: url.part_size.unwrap_or(DEFAULT_PART_SIZE),
             timeout_secs,
+            shutdown: CancellationToken::new(),
         })
+    }
+
+    /// Stops multipart uploads (and aborts them) when `shutdown` is cancelled.
+    pub fn with_shutdown(mut self, shutdown: CancellationToken) -> Self {
+        self.shutdown = shutdown;
+        self
     }
 
     fn key(&self, pod: &PodName, kind: ObjectKind, n: u64) -> String {
@@ -473,9 +483,12 @@ impl S3Remote {
                 ),
             }));
         };
-        let result = self
-            .upload_parts(key, &upload_id, file, size, progress)
-            .await;
+        // On shutdown the parts in flight are dropped and the upload is aborted below, so an
+        // interrupted save leaves no parts behind.
+        let result = tokio::select! {
+            r = self.upload_parts(key, &upload_id, file, size, progress) => r,
+            () = self.shutdown.cancelled() => Err(RemoteError::Cancelled),
+        };
         if result.is_err() {
             // Best effort: an upload left behind costs storage but is never a visible object.
             if let Err(e) = self
@@ -657,6 +670,11 @@ impl Remote for S3Remote {
             // The server ignored the range (whole object) or the tail is the whole object.
             None => Ok(tail),
             Some(total) if total <= got => Ok(tail),
+            Some(total) if total > MAX_VERSION_OBJECT => Err(version_object_too_large(
+                &self.name,
+                &self.object_url(&key),
+                total,
+            )),
             Some(total) => {
                 let head_len = total - got;
                 let (head, _) = self

@@ -237,3 +237,32 @@ impl podfs::progress::Progress for Counter {
     }
     fn finish(&self) {}
 }
+
+/// A version zip with the given (name, bytes) entries, deflated, in that order. A name may
+/// repeat (the zip writer refuses that, so repeats are written under a stand-in name of the same
+/// length and renamed in the bytes).
+pub fn zip_of(entries: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let opts = zip::write::SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Deflated);
+    let mut renames = Vec::new();
+    for (i, (name, data)) in entries.iter().enumerate() {
+        let mut written = name.to_string();
+        if entries[..i].iter().any(|(n, _)| n == name) {
+            written = format!("{}{}", &name[..name.len() - 1], "#");
+            renames.push((written.clone(), name.to_string()));
+        }
+        zip.start_file(written, opts).unwrap();
+        std::io::Write::write_all(&mut zip, data).unwrap();
+    }
+    let mut bytes = zip.finish().unwrap().into_inner();
+    for (from, to) in renames {
+        let (from, to) = (from.as_bytes(), to.as_bytes());
+        for i in 0..bytes.len() - from.len() {
+            if &bytes[i..i + from.len()] == from {
+                bytes[i..i + from.len()].copy_from_slice(to);
+            }
+        }
+    }
+    bytes
+}

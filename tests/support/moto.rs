@@ -132,6 +132,17 @@ pub struct DyingProxy {
 
 impl DyingProxy {
     pub fn start(upstream_port: u16, kill_after: u64) -> Self {
+        Self::start_with(upstream_port, kill_after, Mode::Die)
+    }
+
+    /// A proxy that, once it has forwarded `stall_after` bytes towards the server, holds every
+    /// request but `DELETE`s forever: an upload that hangs in the middle, while its abort can
+    /// still reach the server.
+    pub fn stalling(upstream_port: u16, stall_after: u64) -> Self {
+        Self::start_with(upstream_port, stall_after, Mode::Stall)
+    }
+
+    fn start_with(upstream_port: u16, kill_after: u64, mode: Mode) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
         let port = listener.local_addr().expect("proxy addr").port();
         listener.set_nonblocking(true).expect("nonblocking");
@@ -156,6 +167,7 @@ impl DyingProxy {
                             from: client.try_clone().unwrap(),
                             to: server.try_clone().unwrap(),
                             counter: Some((Arc::clone(&f), kill_after)),
+                            mode,
                             dead: Arc::clone(&d),
                             conns: Arc::clone(&conns),
                         };
@@ -163,6 +175,7 @@ impl DyingProxy {
                             from: server,
                             to: client,
                             counter: None,
+                            mode,
                             dead: Arc::clone(&d),
                             conns: Arc::clone(&conns),
                         };
@@ -199,10 +212,20 @@ impl Drop for DyingProxy {
     }
 }
 
+/// What a proxy does once its byte limit is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Close the port and cut every connection.
+    Die,
+    /// Hold every request but a `DELETE`.
+    Stall,
+}
+
 struct Pump {
     from: TcpStream,
     to: TcpStream,
     counter: Option<(Arc<AtomicU64>, u64)>,
+    mode: Mode,
     dead: Arc<AtomicBool>,
     conns: Arc<Mutex<Vec<TcpStream>>>,
 }
@@ -220,7 +243,14 @@ impl Pump {
             };
             if let Some((count, limit)) = &self.counter {
                 let total = count.fetch_add(n as u64, Ordering::SeqCst) + n as u64;
-                if total >= *limit {
+                if total >= *limit && self.mode == Mode::Stall {
+                    if !buf[..n].starts_with(b"DELETE ") {
+                        while !self.dead.load(Ordering::SeqCst) {
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                        break;
+                    }
+                } else if total >= *limit {
                     // Die: stop accepting and cut every connection, mid-request.
                     self.dead.store(true, Ordering::SeqCst);
                     for c in self.conns.lock().unwrap().iter() {

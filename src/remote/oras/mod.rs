@@ -210,9 +210,10 @@ impl OrasRemote {
         let out = self
             .registry
             .call(&what, || async {
-                let mut out = Vec::with_capacity(usize::try_from(layer.size).unwrap_or(0));
+                let size = usize::try_from(layer.size).unwrap_or(0);
+                let mut out = AtMost(Vec::with_capacity(size), size);
                 self.registry.oci.pull_blob(r, layer, &mut out).await?;
-                Ok(out)
+                Ok(out.0)
             })
             .await?;
         Ok(out.into())
@@ -404,6 +405,39 @@ impl OrasRemote {
     }
 }
 
+/// A buffer that refuses to grow past its descriptor's size: a registry that sends more bytes
+/// than the manifest says cannot make podfs hold them.
+struct AtMost(Vec<u8>, usize);
+
+impl tokio::io::AsyncWrite for AtMost {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if self.0.len() + buf.len() > self.1 {
+            return std::task::Poll::Ready(Err(std::io::Error::other(format!(
+                "the registry sent more than the {} bytes the manifest gives for this blob",
+                self.1
+            ))));
+        }
+        self.0.extend_from_slice(buf);
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
 /// Where the bytes of a blob to upload are.
 enum Blob<'a> {
     Bytes(Bytes),
@@ -476,6 +510,14 @@ impl Remote for OrasRemote {
             .layers
             .first()
             .ok_or_else(|| self.registry.other(format!("{r} has no layers")))?;
+        let size = u64::try_from(layer.size).unwrap_or(u64::MAX);
+        if size > super::MAX_VERSION_OBJECT {
+            return Err(super::version_object_too_large(
+                &self.name,
+                &format!("the version blob of {r}"),
+                size,
+            ));
+        }
         self.blob_bytes(&r, layer).await
     }
 
