@@ -116,7 +116,8 @@ pub trait Remote: Send + Sync + std::fmt::Debug {
 /// Settings for opening a remote that do not come from its URL.
 #[derive(Debug, Clone, Default)]
 pub struct OpenParams {
-    /// Where large state objects are staged before upload; not used by every backend.
+    /// Where large state objects are staged before upload, and where the ORAS backend keeps
+    /// whole-blob copies from a registry that ignores `Range`; not used by every backend.
     pub staging_dir: Option<std::path::PathBuf>,
 }
 
@@ -124,12 +125,18 @@ pub struct OpenParams {
 pub async fn open(
     name: &str,
     url: &RemoteUrl,
-    _params: &OpenParams,
+    params: &OpenParams,
 ) -> RemoteResult<Arc<dyn Remote>> {
     match url {
         RemoteUrl::File(path) => Ok(Arc::new(file::FileRemote::new(name, path))),
         RemoteUrl::S3(s3) => Ok(Arc::new(s3::S3Remote::new(name, s3).await?)),
-        RemoteUrl::Oras(o) => Ok(Arc::new(oras::OrasRemote::new(name, o)?)),
+        RemoteUrl::Oras(o) => {
+            let remote = oras::OrasRemote::new(name, o)?;
+            Ok(Arc::new(match &params.staging_dir {
+                Some(dir) => remote.staging_in(dir.clone()),
+                None => remote,
+            }))
+        }
     }
 }
 
