@@ -405,7 +405,11 @@ fn a_registry_that_ignores_range_costs_about_one_download_per_blob() {
     std::fs::write(tree.join("big.bin"), random_bytes(64 << 20, 1)).unwrap();
     std::fs::write(tree.join("second.bin"), random_bytes(16 << 20, 2)).unwrap();
     for i in 0..5 {
-        std::fs::write(tree.join(format!("small/f{i}.txt")), format!("small file {i}\n")).unwrap();
+        std::fs::write(
+            tree.join(format!("small/f{i}.txt")),
+            format!("small file {i}\n"),
+        )
+        .unwrap();
     }
     // Saved straight to the registry; loaded through the proxy by another installation.
     save(&podfs_for(&reg, "myns"), &pod, &tree);
@@ -437,6 +441,12 @@ fn a_registry_that_ignores_range_costs_about_one_download_per_blob() {
         stderr.matches("ignores Range").count(),
         1,
         "the fallback should be logged once: {stderr}"
+    );
+    // One GET for the version zip, one for the state blob: the reads in flight together
+    // (two large files, four ranges each, and the small files) share one download.
+    assert!(
+        counts.blob_gets <= 2,
+        "a blob was fetched more than once: {counts:?}"
     );
     assert!(
         ratio <= 1.2,
