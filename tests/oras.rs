@@ -6,6 +6,7 @@ mod support;
 use std::path::Path;
 use std::process::Command;
 
+use support::range_proxy::RangeStrippingProxy;
 use support::registry::{Registry, python};
 use support::{Podfs, assert_same_tree, require};
 
@@ -359,4 +360,98 @@ fn many_small_files_spanning_several_blocks_load_exactly() {
     std::fs::create_dir(&out).unwrap();
     load(&p, &pod, &out);
     assert_same_tree(&tree, &out);
+}
+
+/// `len` pseudo-random (incompressible) bytes.
+fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// The sum of the layer sizes (version zip and state zips) of `ns/pod:tag` on `reg`.
+fn stored_size(reg: &Registry, ns: &str, pod: &str, tag: u64) -> u64 {
+    let script = format!(
+        r#"
+import json, urllib.request
+req = urllib.request.Request("http://{}/v2/{ns}/{pod}/manifests/{tag}",
+    headers={{"Accept": "application/vnd.oci.image.manifest.v1+json"}})
+m = json.load(urllib.request.urlopen(req))
+print(sum(l["size"] for l in m["layers"]))
+"#,
+        reg.addr()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    python(&script, dir.path()).trim().parse().unwrap()
+}
+
+/// Issue: a registry that answers ranged blob reads with the whole blob (`200`) made a load
+/// stream each blob from its start for every 8 MiB range (a 64 MiB file cost ~6x its size).
+/// Each blob must now be downloaded about once per load, even with many ranges of it in flight
+/// at once (two large files, four ranges each).
+#[test]
+fn a_registry_that_ignores_range_costs_about_one_download_per_blob() {
+    let reg = Registry::anonymous();
+    let pod = pod_name("norange");
+    let work = tempfile::tempdir().unwrap();
+    let tree = work.path().join("tree");
+    std::fs::create_dir_all(tree.join("small")).unwrap();
+    std::fs::write(tree.join("big.bin"), random_bytes(64 << 20, 1)).unwrap();
+    std::fs::write(tree.join("second.bin"), random_bytes(16 << 20, 2)).unwrap();
+    for i in 0..5 {
+        std::fs::write(
+            tree.join(format!("small/f{i}.txt")),
+            format!("small file {i}\n"),
+        )
+        .unwrap();
+    }
+    // Saved straight to the registry; loaded through the proxy by another installation.
+    save(&podfs_for(&reg, "myns"), &pod, &tree);
+    let stored = stored_size(&reg, "myns", &pod, 1);
+
+    let proxy = RangeStrippingProxy::start(reg.port);
+    let p = Podfs::new();
+    p.ok(&[
+        "remote",
+        "add",
+        "oras-remote",
+        &format!("oras://{}/myns", proxy.addr()),
+    ]);
+    let out = work.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let run = p.run(&["load", &pod, "oras-remote", "--into", out.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "podfs load failed: {stderr}");
+    assert_same_tree(&tree, &out);
+
+    let counts = proxy.counts();
+    let ratio = counts.blob_bytes as f64 / stored as f64;
+    eprintln!("blob bytes through the proxy: {counts:?}, stored {stored}, ratio {ratio:.2}");
+    assert!(
+        counts.ranges_stripped > 0,
+        "the load made no range request: {counts:?}"
+    );
+    assert_eq!(
+        stderr.matches("ignores Range").count(),
+        1,
+        "the fallback should be logged once: {stderr}"
+    );
+    // One GET for the version zip, one for the state blob: the reads in flight together
+    // (two large files, four ranges each, and the small files) share one download.
+    assert!(
+        counts.blob_gets <= 2,
+        "a blob was fetched more than once: {counts:?}"
+    );
+    assert!(
+        ratio <= 1.2,
+        "a load through a registry that ignores Range moved {} blob bytes for {stored} stored \
+         ({ratio:.2}x): {counts:?}",
+        counts.blob_bytes
+    );
 }

@@ -134,7 +134,8 @@ pub trait Remote: Send + Sync + std::fmt::Debug {
 /// Settings for opening a remote that do not come from its URL.
 #[derive(Debug, Clone, Default)]
 pub struct OpenParams {
-    /// Where large state objects are staged before upload; not used by every backend.
+    /// Where large state objects are staged before upload, and where the ORAS backend keeps
+    /// whole-blob copies from a registry that ignores `Range`; not used by every backend.
     pub staging_dir: Option<std::path::PathBuf>,
     /// Cancelled on shutdown (SIGINT/SIGTERM): a backend stops long transfers and cleans up
     /// after itself (S3 aborts its multipart upload), then fails with [`RemoteError::Cancelled`].
@@ -154,7 +155,13 @@ pub async fn open(
                 .await?
                 .with_shutdown(params.shutdown.clone()),
         )),
-        RemoteUrl::Oras(o) => Ok(Arc::new(oras::OrasRemote::new(name, o)?)),
+        RemoteUrl::Oras(o) => {
+            let remote = oras::OrasRemote::new(name, o)?;
+            Ok(Arc::new(match &params.staging_dir {
+                Some(dir) => remote.staging_in(dir.clone()),
+                None => remote,
+            }))
+        }
     }
 }
 

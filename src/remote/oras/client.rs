@@ -46,7 +46,8 @@ pub struct RegistryConfig {
     pub connect_timeout: Duration,
     /// Limit on one attempt of a call that does not upload a blob, response body included.
     pub request_timeout: Duration,
-    /// A blob upload may take `upload_timeout_base` plus one second per `upload_min_rate` bytes.
+    /// A blob upload (or a whole-blob download, from a registry that ignores `Range`) may take
+    /// `upload_timeout_base` plus one second per `upload_min_rate` bytes.
     pub upload_timeout_base: Duration,
     /// Bytes per second an upload must at least reach, for its time limit.
     pub upload_min_rate: u64,
@@ -196,9 +197,31 @@ impl Registry {
         F: FnMut() -> Fut,
         Fut: Future<Output = OciResult<T>>,
     {
-        let limit = self.config.upload_timeout_base
-            + Duration::from_secs(size / self.config.upload_min_rate.max(1));
-        self.call_within(what, limit, attempt).await
+        self.call_within(what, self.sized_limit(size), attempt)
+            .await
+    }
+
+    /// [`Registry::call`] for a download of a whole blob of `size` bytes, with the time limit
+    /// of an upload of that size.
+    pub async fn call_download<T, F, Fut>(
+        &self,
+        what: &str,
+        size: u64,
+        attempt: F,
+    ) -> RemoteResult<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = OciResult<T>>,
+    {
+        self.call_within(what, self.sized_limit(size), attempt)
+            .await
+    }
+
+    /// [`RegistryConfig::upload_timeout_base`] plus one second per
+    /// [`RegistryConfig::upload_min_rate`] bytes of `size`.
+    fn sized_limit(&self, size: u64) -> Duration {
+        self.config.upload_timeout_base
+            + Duration::from_secs(size / self.config.upload_min_rate.max(1))
     }
 
     async fn call_within<T, F, Fut>(

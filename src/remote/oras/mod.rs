@@ -14,19 +14,30 @@
 //! - Tags are immutable for podfs, so manifests are cached in memory per `(pod, tag)`.
 //! - State reads are one range request each, with no cache here: `pod::load` already merges
 //!   neighbouring small files into one read.
+//! - A registry that ignores `Range` (answers `200` with the whole blob) is noticed on its first
+//!   such answer and remembered for the life of the remote (logged once). Until the registry has
+//!   answered one ranged read, ranged reads go one at a time, so that no more than one whole
+//!   blob is ever started by mistake. From then on each state blob is downloaded once, whole,
+//!   into a temporary file in the staging directory, its size and digest checked while writing,
+//!   and every range of it is read from that file (see [`whole`]): about one blob's size of
+//!   transfer per blob, instead of one stream from the blob's start per 8 MiB range. The first
+//!   `200` answer itself fills the file.
+//! - [`Remote::read_state`] returns exactly the range asked for, or an error.
 
 mod client;
 mod layout;
+mod whole;
 
 use std::collections::{BTreeSet, HashMap};
 use std::ops::Range;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
-use oci_client::client::BlobResponse;
+use oci_client::client::{BlobResponse, SizedStream};
 use oci_client::manifest::{OCI_IMAGE_MEDIA_TYPE, OciDescriptor, OciImageManifest};
 use oci_client::{Reference, RegistryOperation};
 use reqwest::{Method, StatusCode};
@@ -35,6 +46,7 @@ pub use client::RegistryConfig;
 use client::{Registry, lock};
 use layout::*;
 pub use layout::{POD_ARTIFACT_TYPE, STATE_MEDIA_TYPE, VERSION_MEDIA_TYPE};
+use whole::{FillError, KEEP_AT_LEAST, WholeBlobs};
 
 use super::{ObjectKind, Remote, RemoteError, RemoteResult, object_name, parse_object_name};
 use crate::config::OrasUrl;
@@ -52,6 +64,26 @@ pub struct OrasRemote {
     manifests: Mutex<HashMap<(PodName, u64), Arc<OciImageManifest>>>,
     /// State blobs pushed by `put_state`, waiting for `commit_version`.
     pending: Mutex<HashMap<(PodName, u64), OciDescriptor>>,
+    /// Whether the registry honours `Range`: one of [`RANGE_UNKNOWN`], [`RANGE_HONOURED`],
+    /// [`RANGE_IGNORED`] (set by the first `200` answer to a ranged read, and kept).
+    range_support: AtomicU8,
+    /// Held by the one ranged read in flight while `range_support` is unknown, so that a
+    /// registry that ignores `Range` starts sending whole blobs once, not once per read.
+    probe: tokio::sync::Mutex<()>,
+    /// Whole copies of state blobs, used once the registry is known to ignore `Range`.
+    whole: WholeBlobs,
+}
+
+const RANGE_UNKNOWN: u8 = 0;
+const RANGE_HONOURED: u8 = 1;
+const RANGE_IGNORED: u8 = 2;
+
+/// The answer to a range read.
+enum Ranged {
+    /// The bytes asked for (`206`).
+    Bytes(Bytes),
+    /// The registry ignored `Range`: the whole blob, not read yet (`200`).
+    Whole(SizedStream),
 }
 
 impl std::fmt::Debug for OrasRemote {
@@ -76,7 +108,17 @@ impl OrasRemote {
             registry: Registry::new(name, url, config)?,
             manifests: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
+            range_support: AtomicU8::new(RANGE_UNKNOWN),
+            probe: tokio::sync::Mutex::new(()),
+            whole: WholeBlobs::new(std::env::temp_dir(), KEEP_AT_LEAST),
         })
+    }
+
+    /// Keeps whole-blob copies (for a registry that ignores `Range`) in `dir` instead of the
+    /// system temporary directory.
+    pub fn staging_in(mut self, dir: PathBuf) -> Self {
+        self.whole = WholeBlobs::new(dir, KEEP_AT_LEAST);
+        self
     }
 
     /// `NAMESPACE/POD`, if the pod name is a valid repository path component.
@@ -219,15 +261,15 @@ impl OrasRemote {
         Ok(out.into())
     }
 
-    /// Bytes `range` of blob `layer` with one `Range` request (streaming past the start when
-    /// the registry ignores `Range`).
+    /// Bytes `range` of blob `layer` with one `Range` request, or the whole blob's stream if the
+    /// registry ignores `Range`.
     async fn fetch_range(
         &self,
         r: &Reference,
         layer: &OciDescriptor,
         title: &str,
         range: Range<u64>,
-    ) -> RemoteResult<Bytes> {
+    ) -> RemoteResult<Ranged> {
         let what = format!(
             "reading bytes {}..{} of {title} ({})",
             range.start, range.end, layer.digest
@@ -242,32 +284,119 @@ impl OrasRemote {
                     .oci
                     .pull_blob_stream_partial(r, layer, range.start, Some(range.end - range.start))
                     .await?;
-                let (mut stream, mut skip) = match resp {
-                    BlobResponse::Partial(s) => (s, 0),
-                    BlobResponse::Full(s) => (s, range.start),
+                let mut stream = match resp {
+                    BlobResponse::Partial(s) => s,
+                    BlobResponse::Full(s) => return Ok(Ranged::Whole(s)),
                 };
                 let mut out = BytesMut::with_capacity(wanted);
                 while out.len() < wanted {
                     let Some(chunk) = stream.next().await else {
                         break;
                     };
-                    let mut chunk = chunk?;
-                    let n = skip.min(chunk.len() as u64);
-                    let _ = chunk.split_to(n as usize);
-                    skip -= n;
+                    let chunk = chunk?;
                     let take = chunk.len().min(wanted - out.len());
                     out.extend_from_slice(&chunk[..take]);
                 }
-                Ok(out)
+                Ok(Ranged::Bytes(out.freeze()))
             })
             .await?;
-        if out.len() < wanted {
+        if let Ranged::Bytes(b) = &out
+            && b.len() < wanted
+        {
             return Err(self.registry.other(format!(
                 "{what}: the registry returned only {} of {wanted} bytes",
-                out.len()
+                b.len()
             )));
         }
-        Ok(out.freeze())
+        Ok(out)
+    }
+
+    /// Bytes `range` of blob `layer` from its whole copy, downloading it first unless it is
+    /// here or on its way; `first` is a whole-blob answer already received, used for the first
+    /// attempt.
+    async fn read_whole(
+        &self,
+        r: &Reference,
+        layer: &OciDescriptor,
+        title: &str,
+        range: Range<u64>,
+        first: Option<SizedStream>,
+    ) -> RemoteResult<Bytes> {
+        let size = u64::try_from(layer.size).unwrap_or(0);
+        self.whole
+            .read(&layer.digest, size, range, first, |file, first| {
+                self.download_whole(r, layer, title, first, file)
+            })
+            .await
+    }
+
+    /// Fills `file` with blob `layer` (see [`whole::fill`]), retrying broken transfers.
+    async fn download_whole(
+        &self,
+        r: &Reference,
+        layer: &OciDescriptor,
+        title: &str,
+        first: Option<SizedStream>,
+        file: std::fs::File,
+    ) -> RemoteResult<std::fs::File> {
+        let size = u64::try_from(layer.size).unwrap_or(0);
+        let what = format!(
+            "downloading {title} ({}, {size} bytes) whole, as the registry ignores Range",
+            layer.digest
+        );
+        tracing::debug!(remote = %self.name, %r, digest = %layer.digest, size, "downloading a whole blob");
+        let what = what.as_str();
+        let mut first = first;
+        let to = &file;
+        self.registry
+            .call_download(what, size, || {
+                let first = first.take();
+                async move {
+                    let stream = match first {
+                        Some(s) => s,
+                        None => self.registry.oci.pull_blob_stream(r, layer).await?,
+                    };
+                    // A broken transfer is retried; what the registry sent wrong, or a local
+                    // write failure, is final.
+                    Ok(match whole::fill(to, stream, &layer.digest, size).await {
+                        Ok(()) => Ok(()),
+                        Err(FillError::Transfer(e)) => return Err(e.into()),
+                        Err(FillError::Write(e)) => Err(RemoteError::Io {
+                            context: format!(
+                                "{what}: writing its temporary copy in {} (it needs room for \
+                                 the blob; the staging directory sets where)",
+                                self.whole.dir().display()
+                            ),
+                            source: e,
+                        }),
+                        Err(e) => Err(self.registry.other(format!("{what}: {e}"))),
+                    })
+                }
+            })
+            .await??;
+        Ok(file)
+    }
+
+    /// Remembers that the registry honours `Range`, unless it was seen to ignore it.
+    fn note_range_honoured(&self) {
+        let _ = self.range_support.compare_exchange(
+            RANGE_UNKNOWN,
+            RANGE_HONOURED,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Remembers that the registry ignores `Range`, logging it the first time.
+    fn note_range_ignored(&self) {
+        if self.range_support.swap(RANGE_IGNORED, Ordering::Relaxed) != RANGE_IGNORED {
+            tracing::warn!(
+                remote = %self.name,
+                "the registry ignores Range requests (it answers with whole blobs): each state \
+                 blob is now downloaded once, whole, into a temporary file in {}",
+                self.whole.dir().display()
+            );
+        }
     }
 
     /// Tags of `repo`, paged with `n`/`last` (distribution 2.8 ignores both and sends all).
@@ -553,7 +682,34 @@ impl Remote for OrasRemote {
         let r = self
             .reference(pod, &via.to_string(), RegistryOperation::Pull)
             .await?;
-        self.fetch_range(&r, layer, &title, range).await
+        let ranged = {
+            // Until the registry has answered one ranged read, send one at a time: otherwise
+            // a registry that ignores `Range` would start a whole blob for each read in flight.
+            let _probe = match self.range_support.load(Ordering::Relaxed) {
+                RANGE_UNKNOWN => Some(self.probe.lock().await),
+                _ => None,
+            };
+            match self.range_support.load(Ordering::Relaxed) {
+                RANGE_IGNORED => None,
+                _ => {
+                    let got = self.fetch_range(&r, layer, &title, range.clone()).await?;
+                    // Noted before the probe is released, for the reads waiting on it.
+                    match &got {
+                        Ranged::Bytes(_) => self.note_range_honoured(),
+                        Ranged::Whole(_) => self.note_range_ignored(),
+                    }
+                    Some(got)
+                }
+            }
+        };
+        match ranged {
+            Some(Ranged::Bytes(b)) => Ok(b),
+            Some(Ranged::Whole(stream)) => {
+                self.read_whole(&r, layer, &title, range, Some(stream))
+                    .await
+            }
+            None => self.read_whole(&r, layer, &title, range, None).await,
+        }
     }
 
     async fn put_state(
