@@ -374,11 +374,16 @@ impl S3Remote {
         Ok(numbers_among(objects, pod, kind))
     }
 
-    /// One GET of `key` with an optional `Range` header; returns the body and the object's total
-    /// size when the server sent a `Content-Range`. The SDK retries the request; a connection
-    /// that breaks while the body streams is retried here, as many times.
+    /// One GET of `key` for `range`; returns the body and the object's total size when the
+    /// server sent a `Content-Range`. The SDK retries the request; a connection that breaks while
+    /// the body streams is retried here, as many times.
+    ///
+    /// The body is streamed into one buffer allocated up front from the `Content-Length` (at most
+    /// the bytes asked for), so a ranged read holds only its own bytes: no list of received
+    /// segments beside a contiguous copy. A body longer than the range asked for is refused as
+    /// soon as its length shows it, before it is held.
     #[tracing::instrument(level = "debug", skip(self), fields(remote = %self.name))]
-    async fn get(&self, key: &str, range: Option<String>) -> RemoteResult<(Bytes, Option<u64>)> {
+    async fn get(&self, key: &str, range: &GetRange) -> RemoteResult<(Bytes, Option<u64>)> {
         let mut attempt = 1;
         loop {
             let resp = self
@@ -386,7 +391,7 @@ impl S3Remote {
                 .get_object()
                 .bucket(&self.bucket)
                 .key(key)
-                .set_range(range.clone())
+                .set_range(range.header())
                 .send()
                 .await
                 .map_err(|e| self.classify(e, key))?;
@@ -394,13 +399,29 @@ impl S3Remote {
                 .content_range()
                 .and_then(|r| r.rsplit_once('/'))
                 .and_then(|(_, total)| total.parse::<u64>().ok());
-            match resp.body.collect().await {
-                Ok(body) => return Ok((body.into_bytes(), total)),
-                Err(e) if attempt < MAX_ATTEMPTS => {
+            let limit = range.limit(resp.content_range().is_some());
+            let length = resp.content_length().and_then(|n| u64::try_from(n).ok());
+            let chunks = futures::stream::unfold(resp.body, |mut body| async move {
+                body.next().await.map(|chunk| (chunk, body))
+            });
+            match read_body(chunks, length, limit).await {
+                Ok(body) => return Ok((body, total)),
+                Err(BodyFailure::TooLong { got, limit }) => {
+                    return Err(RemoteError::Other {
+                        remote: self.name.clone(),
+                        detail: format!(
+                            "{} sent at least {got} bytes of {} where {limit} were asked for ({}): refusing the rest (does it ignore Range headers?)",
+                            self.server,
+                            self.object_url(key),
+                            range.header().unwrap_or_default()
+                        ),
+                    });
+                }
+                Err(BodyFailure::Broken(e)) if attempt < MAX_ATTEMPTS => {
                     tracing::debug!(remote = %self.name, key, attempt, "reading a response body failed, retrying: {}", error_chain(&e));
                     attempt += 1;
                 }
-                Err(e) => {
+                Err(BodyFailure::Broken(e)) => {
                     return Err(RemoteError::Unavailable {
                         remote: self.name.clone(),
                         detail: format!(
@@ -602,6 +623,82 @@ async fn pread(file: &Arc<std::fs::File>, offset: u64, len: u64) -> RemoteResult
     .map_err(RemoteError::io("reading the staged state object"))
 }
 
+/// What one GET asks for: its `Range` header, and so how long its body may be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum GetRange {
+    /// The whole object.
+    Whole,
+    /// The last `n` bytes: all of them if the object is shorter, and the whole object if the
+    /// server ignores the range (a version object is read whole anyway).
+    Tail(u64),
+    /// Exactly these bytes; a longer body is an error.
+    Bytes(Range<u64>),
+}
+
+impl GetRange {
+    /// The `Range` header (`None`: the whole object). An empty `Bytes` range is never sent.
+    fn header(&self) -> Option<String> {
+        match self {
+            GetRange::Whole => None,
+            GetRange::Tail(n) => Some(format!("bytes=-{n}")),
+            GetRange::Bytes(r) => Some(format!("bytes={}-{}", r.start, r.end.saturating_sub(1))),
+        }
+    }
+
+    /// The most bytes the body may hold (`None`: no bound but the `Content-Length`), given
+    /// whether the server answered with a part of the object (it sent a `Content-Range`).
+    fn limit(&self, partial: bool) -> Option<u64> {
+        match self {
+            GetRange::Whole => None,
+            GetRange::Tail(n) => partial.then_some(*n),
+            GetRange::Bytes(r) => Some(r.end.saturating_sub(r.start)),
+        }
+    }
+}
+
+/// Why a response body could not be read.
+#[derive(Debug)]
+enum BodyFailure<E> {
+    /// It is longer than the `limit` bytes asked for (at least `got` bytes).
+    TooLong { got: u64, limit: u64 },
+    /// The stream failed (a broken connection): the request may be retried.
+    Broken(E),
+}
+
+/// Reads a response body, arriving as `chunks`, into one buffer allocated once: `length` (the
+/// `Content-Length`) bytes, or `limit` if that is smaller or no length was sent. Each chunk is
+/// copied in and dropped as it arrives. More than `limit` bytes (by the `Content-Length` or as
+/// they arrive) is [`BodyFailure::TooLong`], and the rest of the body is not read.
+async fn read_body<E>(
+    chunks: impl futures::Stream<Item = Result<Bytes, E>>,
+    length: Option<u64>,
+    limit: Option<u64>,
+) -> Result<Bytes, BodyFailure<E>> {
+    if let (Some(length), Some(limit)) = (length, limit)
+        && length > limit
+    {
+        return Err(BodyFailure::TooLong { got: length, limit });
+    }
+    let capacity = match (length, limit) {
+        (Some(length), _) => length,
+        (None, Some(limit)) => limit,
+        (None, None) => 0,
+    };
+    let mut buf = BytesMut::with_capacity(usize::try_from(capacity).unwrap_or(0));
+    let mut chunks = std::pin::pin!(chunks);
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk.map_err(BodyFailure::Broken)?;
+        let got = (buf.len() + chunk.len()) as u64;
+        if let Some(limit) = limit
+            && got > limit
+        {
+            return Err(BodyFailure::TooLong { got, limit });
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.freeze())
+}
+
 /// The innermost message of an error chain (e.g. "Connection refused (os error 111)").
 fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
     let mut cur = err;
@@ -649,9 +746,7 @@ impl Remote for S3Remote {
 
     async fn read_version(&self, pod: &PodName, version: u64) -> RemoteResult<Bytes> {
         let key = self.key(pod, ObjectKind::Version, version);
-        let (tail, total) = self
-            .get(&key, Some(format!("bytes=-{VERSION_TAIL}")))
-            .await?;
+        let (tail, total) = self.get(&key, &GetRange::Tail(VERSION_TAIL)).await?;
         let got = tail.len() as u64;
         match total {
             // The server ignored the range (whole object) or the tail is the whole object.
@@ -659,9 +754,7 @@ impl Remote for S3Remote {
             Some(total) if total <= got => Ok(tail),
             Some(total) => {
                 let head_len = total - got;
-                let (head, _) = self
-                    .get(&key, Some(format!("bytes=0-{}", head_len - 1)))
-                    .await?;
+                let (head, _) = self.get(&key, &GetRange::Bytes(0..head_len)).await?;
                 if head.len() as u64 != head_len {
                     return Err(RemoteError::Other {
                         remote: self.name.clone(),
@@ -693,12 +786,7 @@ impl Remote for S3Remote {
         }
         let key = self.key(pod, ObjectKind::State, state);
         let want = range.end - range.start;
-        let (bytes, _) = self
-            .get(
-                &key,
-                Some(format!("bytes={}-{}", range.start, range.end - 1)),
-            )
-            .await?;
+        let (bytes, _) = self.get(&key, &GetRange::Bytes(range.clone())).await?;
         if bytes.len() as u64 != want {
             return Err(RemoteError::Other {
                 remote: self.name.clone(),
@@ -766,7 +854,7 @@ impl Remote for S3Remote {
         {
             // A retried PUT whose first attempt did succeed also fails the condition: the object
             // is then ours, byte for byte (it holds a timestamp and the whole manifest).
-            Err(RemoteError::AlreadyExists(what)) => match self.get(&key, None).await {
+            Err(RemoteError::AlreadyExists(what)) => match self.get(&key, &GetRange::Whole).await {
                 Ok((existing, _)) if existing == version_zip => Ok(()),
                 _ => Err(RemoteError::AlreadyExists(what)),
             },
