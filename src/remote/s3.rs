@@ -921,6 +921,159 @@ mod tests {
         );
     }
 
+    fn chunks(parts: &[&'static [u8]]) -> impl futures::Stream<Item = Result<Bytes, String>> {
+        futures::stream::iter(
+            parts
+                .iter()
+                .map(|p| Ok(Bytes::from_static(p)))
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    #[tokio::test]
+    async fn body_is_joined_into_one_buffer() {
+        let body = read_body(chunks(&[b"abc", b"", b"defg"]), Some(7), Some(7))
+            .await
+            .unwrap();
+        assert_eq!(&body[..], b"abcdefg");
+        // No length and no limit (a whole object sent chunked): grows as needed.
+        let body = read_body(chunks(&[b"abc", b"defg"]), None, None)
+            .await
+            .unwrap();
+        assert_eq!(&body[..], b"abcdefg");
+        // Shorter than asked is not refused here: read_state reports the truncation.
+        let body = read_body(chunks(&[b"abc"]), None, Some(10)).await.unwrap();
+        assert_eq!(&body[..], b"abc");
+    }
+
+    #[tokio::test]
+    async fn body_longer_than_asked_is_refused_as_it_arrives() {
+        let err = read_body(chunks(&[b"abcd", b"efgh", b"ijkl"]), None, Some(6))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, BodyFailure::TooLong { got: 8, limit: 6 }),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn body_longer_than_asked_by_its_length_is_not_read() {
+        let unread = futures::stream::iter([Err::<Bytes, _>("the body was read".to_owned())]);
+        let err = read_body(unread, Some(1 << 30), Some(8 << 20))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                BodyFailure::TooLong {
+                    got: 1_073_741_824,
+                    limit: 8_388_608
+                }
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn broken_body_can_be_retried() {
+        let broken =
+            futures::stream::iter([Ok(Bytes::from_static(b"ab")), Err("reset".to_owned())]);
+        let err = read_body(broken, Some(4), Some(4)).await.unwrap_err();
+        assert!(
+            matches!(err, BodyFailure::Broken(ref e) if e == "reset"),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn get_ranges_bound_their_bodies() {
+        assert_eq!(GetRange::Whole.header(), None);
+        assert_eq!(GetRange::Whole.limit(false), None);
+        let tail = GetRange::Tail(256);
+        assert_eq!(tail.header().as_deref(), Some("bytes=-256"));
+        assert_eq!(tail.limit(true), Some(256));
+        assert_eq!(
+            tail.limit(false),
+            None,
+            "a whole version object is accepted"
+        );
+        let bytes = GetRange::Bytes(100..1100);
+        assert_eq!(bytes.header().as_deref(), Some("bytes=100-1099"));
+        assert_eq!(bytes.limit(true), Some(1000));
+        assert_eq!(bytes.limit(false), Some(1000), "a whole object is refused");
+    }
+
+    /// A server that answers every request with `200 OK` and `body`, ignoring any `Range`:
+    /// with a `Content-Length`, or chunked (4 KiB chunks) when `chunked`.
+    fn range_ignoring_server(body: Vec<u8>, chunked: bool) -> u16 {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut line = String::new();
+                while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                    line.clear();
+                }
+                let head = if chunked {
+                    "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+                        .to_owned()
+                } else {
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        body.len()
+                    )
+                };
+                let _ = stream.write_all(head.as_bytes());
+                if chunked {
+                    for piece in body.chunks(4096) {
+                        let _ = write!(stream, "{:x}\r\n", piece.len());
+                        let _ = stream.write_all(piece);
+                        let _ = stream.write_all(b"\r\n");
+                    }
+                    let _ = stream.write_all(b"0\r\n\r\n");
+                } else {
+                    let _ = stream.write_all(&body);
+                }
+            }
+        });
+        port
+    }
+
+    async fn remote_at(port: u16) -> S3Remote {
+        let mut url = s3(&format!("s3://bucket/?endpoint=http://127.0.0.1:{port}"));
+        url.access_key_id = Some(Secret::new("test"));
+        url.secret_access_key = Some(Secret::new("test"));
+        S3Remote::new("ignoring", &url).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn state_range_refuses_a_whole_object_sent_instead() {
+        for chunked in [false, true] {
+            let port = range_ignoring_server(vec![7; 256 << 10], chunked);
+            let remote = remote_at(port).await;
+            let pod = PodName::new("p").unwrap();
+            let err = remote.read_state(&pod, 1, 1, 1000..2000).await.unwrap_err();
+            let msg = err.to_string();
+            assert!(matches!(err, RemoteError::Other { .. }), "{msg}");
+            assert!(msg.contains("where 1000 were asked for"), "{msg}");
+            assert!(msg.contains("bytes=1000-1999"), "{msg}");
+        }
+    }
+
+    #[tokio::test]
+    async fn version_tail_accepts_a_whole_object_sent_instead() {
+        // A server that ignores ranges still serves whole version objects (read whole anyway).
+        let body: Vec<u8> = (0..300_000u32).map(|i| i as u8).collect();
+        let port = range_ignoring_server(body.clone(), false);
+        let remote = remote_at(port).await;
+        let pod = PodName::new("p").unwrap();
+        assert_eq!(remote.read_version(&pod, 1).await.unwrap(), body);
+    }
+
     #[test]
     fn error_chains_skip_repeats() {
         let inner = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
