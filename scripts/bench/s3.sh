@@ -35,6 +35,7 @@ fi
 echo "bench: building podfs (release)" >&2
 (cd "$root" && cargo build --release -q)
 podfs="${CARGO_TARGET_DIR:-$root/target}/release/podfs"
+commit=$(git -C "$root" describe --always --dirty 2>/dev/null || echo unknown) # what was built
 command -v aws >/dev/null || { echo "bench: the aws CLI is required (scripts/setup.sh)" >&2; exit 1; }
 [ -x /usr/bin/time ] || { echo "bench: GNU time (/usr/bin/time, Debian package time) is required" >&2; exit 1; }
 
@@ -122,7 +123,6 @@ measure a_load "${aws_s3[@]}" cp --recursive s3://aws-bench/tree "$work/aws-out"
 rm -rf "$work/aws-out"
 
 mib() { python3 -c "import sys; print(f'{int(sys.argv[1]) / 1024:.0f}')" "$1"; }
-commit=$(git -C "$root" describe --always --dirty 2>/dev/null || echo unknown)
 printf '\nS3 benchmark: %s MiB tree (%s small files + 4 x %s MiB), server %s on loopback, %s CPUs, podfs %s\n' \
   "$total" "$small" "$large_mb" "$server" "$(nproc)" "$commit"
 printf '%-6s %10s %14s %8s %16s %20s\n' "" "podfs (s)" "aws s3 cp (s)" "ratio" "podfs RSS (MiB)" "aws s3 cp RSS (MiB)"
