@@ -7,7 +7,7 @@ cd "$(dirname "$0")/../.."
 SIZE_MB=${BENCH_SIZE_MB:-1024}
 SMALL=${BENCH_SMALL_FILES:-10000}
 cargo build --release --quiet
-PODFS=$PWD/target/release/podfs
+PODFS=${CARGO_TARGET_DIR:-$PWD/target}/release/podfs
 WORK=$(mktemp -d "${BENCH_DIR:-$PWD/target}/bench-local.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 python3 scripts/bench/maketree.py "$WORK/src" "$SIZE_MB" "$SMALL"

@@ -11,7 +11,8 @@
 #
 # oras-py ships a directory as one tar+gzip layer (its native way to push a tree) and unpacks it
 # on pull; podfs stores the tree as its state zip (small files deflated, large ones stored).
-# Needs: cargo, docker-registry, python3 with the `oras` package.
+# Prints wall time and peak RSS of each command (GNU time: `/usr/bin/time -f "%e %M"`).
+# Needs: cargo, docker-registry, python3 with the `oras` package, /usr/bin/time.
 set -euo pipefail
 
 SIZE_MB=${BENCH_SIZE_MB:-1024}
@@ -20,7 +21,7 @@ SMALL_SHARE=10 # percent of the bytes in small files
 LARGE_FILES=4
 
 cd "$(dirname "$0")/../.."
-for tool in cargo docker-registry python3; do
+for tool in cargo docker-registry python3 /usr/bin/time; do
     command -v "$tool" >/dev/null || { echo "missing $tool (run scripts/setup.sh)" >&2; exit 1; }
 done
 python3 -c 'import oras.client' 2>/dev/null || { echo "missing oras-py: pip install oras" >&2; exit 1; }
@@ -80,43 +81,46 @@ for i in range(count):
 EOF
 ACTUAL=$(du -sb "$TREE" | cut -f1)
 
-now() { date +%s.%N; }
-elapsed() { python3 -c "print(f'{$2 - $1:.2f}')"; }
+# measure VAR CMD...: runs CMD; sets VAR (wall seconds) and VAR_KIB (peak RSS, KiB).
+measure() {
+    local var=$1 secs kib; shift
+    if ! /usr/bin/time -f "%e %M" -o "$WORK/time" "$@" >/dev/null; then
+        echo "failed: $*" >&2; cat "$WORK/time" >&2; exit 1
+    fi
+    read -r secs kib <"$WORK/time"
+    printf -v "$var" %s "$secs"
+    printf -v "${var}_KIB" %s "$kib"
+}
 
 export PODFS_HOME="$WORK/podfs-home"
 export PODFS_LOG=error
 "$PODFS" remote add bench "oras://127.0.0.1:$PORT/bench" >/dev/null
 
 echo "podfs save..." >&2
-t0=$(now); "$PODFS" save tree bench --from "$TREE" >/dev/null; t1=$(now)
-PODFS_SAVE=$(elapsed "$t0" "$t1")
+measure PODFS_SAVE "$PODFS" save tree bench --from "$TREE"
 mkdir "$WORK/podfs-load"
 echo "podfs load..." >&2
-t0=$(now); "$PODFS" load tree bench --into "$WORK/podfs-load" >/dev/null; t1=$(now)
-PODFS_LOAD=$(elapsed "$t0" "$t1")
+measure PODFS_LOAD "$PODFS" load tree bench --into "$WORK/podfs-load"
 diff -r "$TREE" "$WORK/podfs-load" >/dev/null || { echo "podfs load differs from the tree" >&2; exit 1; }
 
 echo "oras-py push..." >&2
 cd "$WORK"
-t0=$(now)
-python3 -c "
+measure ORAS_PUSH python3 -c "
 import oras.client
 oras.client.OrasClient(insecure=True).push(target='127.0.0.1:$PORT/bench/oras-tree:1', files=['tree'], quiet=True)
-" >/dev/null
-t1=$(now)
-ORAS_PUSH=$(elapsed "$t0" "$t1")
+"
 echo "oras-py pull..." >&2
-t0=$(now)
-python3 -c "
+measure ORAS_PULL python3 -c "
 import oras.client
 oras.client.OrasClient(insecure=True).pull(target='127.0.0.1:$PORT/bench/oras-tree:1', outdir='$WORK/oras-pull')
-" >/dev/null
-t1=$(now)
-ORAS_PULL=$(elapsed "$t0" "$t1")
+"
 diff -r "$TREE" "$WORK/oras-pull/tree" >/dev/null || { echo "oras-py pull differs from the tree" >&2; exit 1; }
 
 printf '\ntree: %s bytes (%s MiB requested), %s large + %s small files, registry 127.0.0.1:%s\n' \
     "$ACTUAL" "$SIZE_MB" "$LARGE_FILES" "$SMALL_FILES" "$PORT"
-printf '%-8s %12s %12s %16s\n' "op" "podfs (s)" "oras-py (s)" "oras-py / podfs"
-printf '%-8s %12s %12s %16s\n' "save" "$PODFS_SAVE" "$ORAS_PUSH" "$(python3 -c "print(f'{$ORAS_PUSH / $PODFS_SAVE:.2f}x')")"
-printf '%-8s %12s %12s %16s\n' "load" "$PODFS_LOAD" "$ORAS_PULL" "$(python3 -c "print(f'{$ORAS_PULL / $PODFS_LOAD:.2f}x')")"
+mib() { python3 -c "print(f'{$1 / 1024:.0f}')"; }
+printf '%-8s %12s %12s %16s %16s %18s\n' "op" "podfs (s)" "oras-py (s)" "oras-py / podfs" "podfs RSS (MiB)" "oras-py RSS (MiB)"
+printf '%-8s %12s %12s %16s %16s %18s\n' "save" "$PODFS_SAVE" "$ORAS_PUSH" "$(python3 -c "print(f'{$ORAS_PUSH / $PODFS_SAVE:.2f}x')")" \
+    "$(mib "$PODFS_SAVE_KIB")" "$(mib "$ORAS_PUSH_KIB")"
+printf '%-8s %12s %12s %16s %16s %18s\n' "load" "$PODFS_LOAD" "$ORAS_PULL" "$(python3 -c "print(f'{$ORAS_PULL / $PODFS_LOAD:.2f}x')")" \
+    "$(mib "$PODFS_LOAD_KIB")" "$(mib "$ORAS_PULL_KIB")"

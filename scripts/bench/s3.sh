@@ -3,7 +3,8 @@
 # default 1024) on a local S3 server, podfs against `aws s3 cp --recursive` of the same tree.
 #
 # Self-contained: builds podfs (release), starts its own S3 server on a free loopback port, makes
-# the tree in a temporary directory, prints the times and ratios, and cleans everything up.
+# the tree in a temporary directory, prints the wall times, ratios and peak RSS of each command
+# (GNU time: `/usr/bin/time -f "%e %M"`, as scripts/bench/local.sh), and cleans everything up.
 #
 #   BENCH_SIZE_MB=1024        total size of the tree (MiB); shrink for a quick run
 #   BENCH_SMALL_FILES=10000   number of small (2 KiB) files (capped at BENCH_SIZE_MB * 100)
@@ -34,7 +35,9 @@ fi
 echo "bench: building podfs (release)" >&2
 (cd "$root" && cargo build --release -q)
 podfs="${CARGO_TARGET_DIR:-$root/target}/release/podfs"
+commit=$(git -C "$root" describe --always --dirty 2>/dev/null || echo unknown) # what was built
 command -v aws >/dev/null || { echo "bench: the aws CLI is required (scripts/setup.sh)" >&2; exit 1; }
+[ -x /usr/bin/time ] || { echo "bench: GNU time (/usr/bin/time, Debian package time) is required" >&2; exit 1; }
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/podfs-bench.XXXXXX")
 server_pid=""
@@ -91,32 +94,44 @@ total=$(du -sm --apparent-size "$tree" | cut -f1)
 export PODFS_HOME="$work/home" AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench AWS_DEFAULT_REGION=us-east-1
 unset AWS_PROFILE
 "$podfs" remote add bench "s3://podfs-bench/?access_key_id={access_key_id}&secret_access_key={secret_access_key}&endpoint=$endpoint" >/dev/null
-aws_s3() { aws --endpoint-url "$endpoint" s3 "$@" --only-show-errors; }
-aws --endpoint-url "$endpoint" s3 mb s3://aws-bench >/dev/null
+aws_s3=(aws --endpoint-url "$endpoint" s3)
+"${aws_s3[@]}" mb s3://aws-bench >/dev/null
 
-now() { date +%s.%N; }
-elapsed() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.2f}')" "$1" "$2"; }
-timed() { local t0 t1; t0=$(now); "$@" >/dev/null; t1=$(now); elapsed "$t0" "$t1"; }
+# measure VAR CMD...: runs CMD; sets VAR_s (wall seconds) and VAR_kib (peak RSS, KiB).
+measure() {
+  local var=$1 secs kib; shift
+  if ! /usr/bin/time -f "%e %M" -o "$work/time" "$@" >/dev/null; then
+    echo "bench: failed: $*" >&2; cat "$work/time" >&2; exit 1
+  fi
+  read -r secs kib <"$work/time"
+  printf -v "${var}_s" %s "$secs"
+  printf -v "${var}_kib" %s "$kib"
+}
 sync
 
 echo "bench: podfs save" >&2
-p_save=$(timed "$podfs" save bench bench --from "$tree")
+measure p_save "$podfs" save bench bench --from "$tree"
 echo "bench: podfs load" >&2
 mkdir -p "$work/podfs-out"
-p_load=$(timed "$podfs" load bench bench --into "$work/podfs-out")
+measure p_load "$podfs" load bench bench --into "$work/podfs-out"
 diff -rq "$tree" "$work/podfs-out" >&2 || { echo "bench: podfs load differs from the tree" >&2; exit 1; }
 rm -rf "$work/podfs-out"
 echo "bench: aws s3 cp --recursive (upload)" >&2
-a_save=$(timed aws_s3 cp --recursive "$tree" s3://aws-bench/tree)
+measure a_save "${aws_s3[@]}" cp --recursive "$tree" s3://aws-bench/tree --only-show-errors
 echo "bench: aws s3 cp --recursive (download)" >&2
-a_load=$(timed aws_s3 cp --recursive s3://aws-bench/tree "$work/aws-out")
+measure a_load "${aws_s3[@]}" cp --recursive s3://aws-bench/tree "$work/aws-out" --only-show-errors
 rm -rf "$work/aws-out"
 
-printf '\nS3 benchmark: %s MiB tree (%s small files + 4 x %s MiB), server %s on loopback, %s CPUs\n' \
-  "$total" "$small" "$large_mb" "$server" "$(nproc)"
-printf '%-6s %10s %14s %8s\n' "" "podfs (s)" "aws s3 cp (s)" "ratio"
+mib() { python3 -c "import sys; print(f'{int(sys.argv[1]) / 1024:.0f}')" "$1"; }
+printf '\nS3 benchmark: %s MiB tree (%s small files + 4 x %s MiB), server %s on loopback, %s CPUs, podfs %s\n' \
+  "$total" "$small" "$large_mb" "$server" "$(nproc)" "$commit"
+printf '%-6s %10s %14s %8s %16s %20s\n' "" "podfs (s)" "aws s3 cp (s)" "ratio" "podfs RSS (MiB)" "aws s3 cp RSS (MiB)"
 for op in save load; do
-  if [ "$op" = save ]; then p=$p_save a=$a_save; else p=$p_load a=$a_load; fi
-  printf '%-6s %10s %14s %8s\n' "$op" "$p" "$a" "$(python3 -c "import sys; print(f'{float(sys.argv[1]) / float(sys.argv[2]):.2f}x')" "$p" "$a")"
+  if [ "$op" = save ]; then p=$p_save_s a=$a_save_s pk=$p_save_kib ak=$a_save_kib
+  else p=$p_load_s a=$a_load_s pk=$p_load_kib ak=$a_load_kib; fi
+  printf '%-6s %10s %14s %8s %16s %20s\n' "$op" "$p" "$a" \
+    "$(python3 -c "import sys; print(f'{float(sys.argv[1]) / float(sys.argv[2]):.2f}x')" "$p" "$a")" \
+    "$(mib "$pk")" "$(mib "$ak")"
 done
-echo "(ratio = podfs time / aws CLI time: below 1 means podfs is faster)"
+echo "(ratio = podfs time / aws CLI time: below 1 means podfs is faster; RSS = peak resident set size)"
+echo "peak RSS (KiB): podfs save $p_save_kib, load $p_load_kib; aws s3 cp upload $a_save_kib, download $a_load_kib"

@@ -384,11 +384,16 @@ impl S3Remote {
         Ok(numbers_among(objects, pod, kind))
     }
 
-    /// One GET of `key` with an optional `Range` header; returns the body and the object's total
-    /// size when the server sent a `Content-Range`. The SDK retries the request; a connection
-    /// that breaks while the body streams is retried here, as many times.
+    /// One GET of `key` for `range`; returns the body and the object's total size when the
+    /// server sent a `Content-Range`. The SDK retries the request; a connection that breaks while
+    /// the body streams is retried here, as many times.
+    ///
+    /// The body is streamed into one buffer allocated up front from the `Content-Length` (at most
+    /// the bytes asked for), so a ranged read holds only its own bytes: no list of received
+    /// segments beside a contiguous copy. A body longer than the range asked for is refused as
+    /// soon as its length shows it, before it is held.
     #[tracing::instrument(level = "debug", skip(self), fields(remote = %self.name))]
-    async fn get(&self, key: &str, range: Option<String>) -> RemoteResult<(Bytes, Option<u64>)> {
+    async fn get(&self, key: &str, range: &GetRange) -> RemoteResult<(Bytes, Option<u64>)> {
         let mut attempt = 1;
         loop {
             let resp = self
@@ -396,7 +401,7 @@ impl S3Remote {
                 .get_object()
                 .bucket(&self.bucket)
                 .key(key)
-                .set_range(range.clone())
+                .set_range(range.header())
                 .send()
                 .await
                 .map_err(|e| self.classify(e, key))?;
@@ -404,13 +409,29 @@ impl S3Remote {
                 .content_range()
                 .and_then(|r| r.rsplit_once('/'))
                 .and_then(|(_, total)| total.parse::<u64>().ok());
-            match resp.body.collect().await {
-                Ok(body) => return Ok((body.into_bytes(), total)),
-                Err(e) if attempt < MAX_ATTEMPTS => {
+            let limit = range.limit(resp.content_range().is_some());
+            let length = resp.content_length().and_then(|n| u64::try_from(n).ok());
+            let chunks = futures::stream::unfold(resp.body, |mut body| async move {
+                body.next().await.map(|chunk| (chunk, body))
+            });
+            match read_body(chunks, length, limit).await {
+                Ok(body) => return Ok((body, total)),
+                Err(BodyFailure::TooLong { got, limit }) => {
+                    return Err(RemoteError::Other {
+                        remote: self.name.clone(),
+                        detail: format!(
+                            "{} sent at least {got} bytes of {} where {limit} were asked for ({}): refusing the rest (does it ignore Range headers?)",
+                            self.server,
+                            self.object_url(key),
+                            range.header().unwrap_or_default()
+                        ),
+                    });
+                }
+                Err(BodyFailure::Broken(e)) if attempt < MAX_ATTEMPTS => {
                     tracing::debug!(remote = %self.name, key, attempt, "reading a response body failed, retrying: {}", error_chain(&e));
                     attempt += 1;
                 }
-                Err(e) => {
+                Err(BodyFailure::Broken(e)) => {
                     return Err(RemoteError::Unavailable {
                         remote: self.name.clone(),
                         detail: format!(
@@ -615,6 +636,84 @@ async fn pread(file: &Arc<std::fs::File>, offset: u64, len: u64) -> RemoteResult
     .map_err(RemoteError::io("reading the staged state object"))
 }
 
+/// What one GET asks for: its `Range` header, and so how long its body may be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum GetRange {
+    /// The whole object.
+    Whole,
+    /// The last `n` bytes: all of them if the object is shorter, and the whole object if the
+    /// server ignores the range (a version object is read whole anyway).
+    Tail(u64),
+    /// Exactly these bytes; a longer body is an error.
+    Bytes(Range<u64>),
+}
+
+impl GetRange {
+    /// The `Range` header (`None`: the whole object). An empty `Bytes` range is never sent.
+    fn header(&self) -> Option<String> {
+        match self {
+            GetRange::Whole => None,
+            GetRange::Tail(n) => Some(format!("bytes=-{n}")),
+            GetRange::Bytes(r) => Some(format!("bytes={}-{}", r.start, r.end.saturating_sub(1))),
+        }
+    }
+
+    /// The most bytes the body may hold, given whether the server answered with a part of the
+    /// object (it sent a `Content-Range`). Only version objects are read whole, so a whole body
+    /// is bounded by [`MAX_VERSION_OBJECT`].
+    fn limit(&self, partial: bool) -> Option<u64> {
+        match self {
+            GetRange::Whole => Some(MAX_VERSION_OBJECT),
+            GetRange::Tail(n) if partial => Some(*n),
+            GetRange::Tail(_) => Some(MAX_VERSION_OBJECT),
+            GetRange::Bytes(r) => Some(r.end.saturating_sub(r.start)),
+        }
+    }
+}
+
+/// Why a response body could not be read.
+#[derive(Debug)]
+enum BodyFailure<E> {
+    /// It is longer than the `limit` bytes asked for (at least `got` bytes).
+    TooLong { got: u64, limit: u64 },
+    /// The stream failed (a broken connection): the request may be retried.
+    Broken(E),
+}
+
+/// Reads a response body, arriving as `chunks`, into one buffer allocated once: `length` (the
+/// `Content-Length`) bytes, or `limit` if that is smaller or no length was sent. Each chunk is
+/// copied in and dropped as it arrives. More than `limit` bytes (by the `Content-Length` or as
+/// they arrive) is [`BodyFailure::TooLong`], and the rest of the body is not read.
+async fn read_body<E>(
+    chunks: impl futures::Stream<Item = Result<Bytes, E>>,
+    length: Option<u64>,
+    limit: Option<u64>,
+) -> Result<Bytes, BodyFailure<E>> {
+    if let (Some(length), Some(limit)) = (length, limit)
+        && length > limit
+    {
+        return Err(BodyFailure::TooLong { got: length, limit });
+    }
+    let capacity = match (length, limit) {
+        (Some(length), _) => length,
+        (None, Some(limit)) => limit,
+        (None, None) => 0,
+    };
+    let mut buf = BytesMut::with_capacity(usize::try_from(capacity).unwrap_or(0));
+    let mut chunks = std::pin::pin!(chunks);
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk.map_err(BodyFailure::Broken)?;
+        let got = (buf.len() + chunk.len()) as u64;
+        if let Some(limit) = limit
+            && got > limit
+        {
+            return Err(BodyFailure::TooLong { got, limit });
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.freeze())
+}
+
 /// The innermost message of an error chain (e.g. "Connection refused (os error 111)").
 fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
     let mut cur = err;
@@ -662,9 +761,7 @@ impl Remote for S3Remote {
 
     async fn read_version(&self, pod: &PodName, version: u64) -> RemoteResult<Bytes> {
         let key = self.key(pod, ObjectKind::Version, version);
-        let (tail, total) = self
-            .get(&key, Some(format!("bytes=-{VERSION_TAIL}")))
-            .await?;
+        let (tail, total) = self.get(&key, &GetRange::Tail(VERSION_TAIL)).await?;
         let got = tail.len() as u64;
         match total {
             // The server ignored the range (whole object) or the tail is the whole object.
@@ -677,9 +774,7 @@ impl Remote for S3Remote {
             )),
             Some(total) => {
                 let head_len = total - got;
-                let (head, _) = self
-                    .get(&key, Some(format!("bytes=0-{}", head_len - 1)))
-                    .await?;
+                let (head, _) = self.get(&key, &GetRange::Bytes(0..head_len)).await?;
                 if head.len() as u64 != head_len {
                     return Err(RemoteError::Other {
                         remote: self.name.clone(),
@@ -711,12 +806,7 @@ impl Remote for S3Remote {
         }
         let key = self.key(pod, ObjectKind::State, state);
         let want = range.end - range.start;
-        let (bytes, _) = self
-            .get(
-                &key,
-                Some(format!("bytes={}-{}", range.start, range.end - 1)),
-            )
-            .await?;
+        let (bytes, _) = self.get(&key, &GetRange::Bytes(range.clone())).await?;
         if bytes.len() as u64 != want {
             return Err(RemoteError::Other {
                 remote: self.name.clone(),
@@ -784,7 +874,7 @@ impl Remote for S3Remote {
         {
             // A retried PUT whose first attempt did succeed also fails the condition: the object
             // is then ours, byte for byte (it holds a timestamp and the whole manifest).
-            Err(RemoteError::AlreadyExists(what)) => match self.get(&key, None).await {
+            Err(RemoteError::AlreadyExists(what)) => match self.get(&key, &GetRange::Whole).await {
                 Ok((existing, _)) if existing == version_zip => Ok(()),
                 _ => Err(RemoteError::AlreadyExists(what)),
             },
@@ -849,6 +939,159 @@ mod tests {
             r.key(&PodName::new("a-b").unwrap(), ObjectKind::State, 3),
             "p/localstack-pod-a-b-state-3.zip"
         );
+    }
+
+    fn chunks(parts: &[&'static [u8]]) -> impl futures::Stream<Item = Result<Bytes, String>> {
+        futures::stream::iter(
+            parts
+                .iter()
+                .map(|p| Ok(Bytes::from_static(p)))
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    #[tokio::test]
+    async fn body_is_joined_into_one_buffer() {
+        let body = read_body(chunks(&[b"abc", b"", b"defg"]), Some(7), Some(7))
+            .await
+            .unwrap();
+        assert_eq!(&body[..], b"abcdefg");
+        // No length and no limit (a whole object sent chunked): grows as needed.
+        let body = read_body(chunks(&[b"abc", b"defg"]), None, None)
+            .await
+            .unwrap();
+        assert_eq!(&body[..], b"abcdefg");
+        // Shorter than asked is not refused here: read_state reports the truncation.
+        let body = read_body(chunks(&[b"abc"]), None, Some(10)).await.unwrap();
+        assert_eq!(&body[..], b"abc");
+    }
+
+    #[tokio::test]
+    async fn body_longer_than_asked_is_refused_as_it_arrives() {
+        let err = read_body(chunks(&[b"abcd", b"efgh", b"ijkl"]), None, Some(6))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, BodyFailure::TooLong { got: 8, limit: 6 }),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn body_longer_than_asked_by_its_length_is_not_read() {
+        let unread = futures::stream::iter([Err::<Bytes, _>("the body was read".to_owned())]);
+        let err = read_body(unread, Some(1 << 30), Some(8 << 20))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                BodyFailure::TooLong {
+                    got: 1_073_741_824,
+                    limit: 8_388_608
+                }
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn broken_body_can_be_retried() {
+        let broken =
+            futures::stream::iter([Ok(Bytes::from_static(b"ab")), Err("reset".to_owned())]);
+        let err = read_body(broken, Some(4), Some(4)).await.unwrap_err();
+        assert!(
+            matches!(err, BodyFailure::Broken(ref e) if e == "reset"),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn get_ranges_bound_their_bodies() {
+        assert_eq!(GetRange::Whole.header(), None);
+        assert_eq!(GetRange::Whole.limit(false), Some(MAX_VERSION_OBJECT));
+        let tail = GetRange::Tail(256);
+        assert_eq!(tail.header().as_deref(), Some("bytes=-256"));
+        assert_eq!(tail.limit(true), Some(256));
+        assert_eq!(
+            tail.limit(false),
+            Some(MAX_VERSION_OBJECT),
+            "a whole version object is accepted, up to the limit"
+        );
+        let bytes = GetRange::Bytes(100..1100);
+        assert_eq!(bytes.header().as_deref(), Some("bytes=100-1099"));
+        assert_eq!(bytes.limit(true), Some(1000));
+        assert_eq!(bytes.limit(false), Some(1000), "a whole object is refused");
+    }
+
+    /// A server that answers every request with `200 OK` and `body`, ignoring any `Range`:
+    /// with a `Content-Length`, or chunked (4 KiB chunks) when `chunked`.
+    fn range_ignoring_server(body: Vec<u8>, chunked: bool) -> u16 {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut line = String::new();
+                while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                    line.clear();
+                }
+                let head = if chunked {
+                    "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+                        .to_owned()
+                } else {
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        body.len()
+                    )
+                };
+                let _ = stream.write_all(head.as_bytes());
+                if chunked {
+                    for piece in body.chunks(4096) {
+                        let _ = write!(stream, "{:x}\r\n", piece.len());
+                        let _ = stream.write_all(piece);
+                        let _ = stream.write_all(b"\r\n");
+                    }
+                    let _ = stream.write_all(b"0\r\n\r\n");
+                } else {
+                    let _ = stream.write_all(&body);
+                }
+            }
+        });
+        port
+    }
+
+    async fn remote_at(port: u16) -> S3Remote {
+        let mut url = s3(&format!("s3://bucket/?endpoint=http://127.0.0.1:{port}"));
+        url.access_key_id = Some(Secret::new("test"));
+        url.secret_access_key = Some(Secret::new("test"));
+        S3Remote::new("ignoring", &url).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn state_range_refuses_a_whole_object_sent_instead() {
+        for chunked in [false, true] {
+            let port = range_ignoring_server(vec![7; 256 << 10], chunked);
+            let remote = remote_at(port).await;
+            let pod = PodName::new("p").unwrap();
+            let err = remote.read_state(&pod, 1, 1, 1000..2000).await.unwrap_err();
+            let msg = err.to_string();
+            assert!(matches!(err, RemoteError::Other { .. }), "{msg}");
+            assert!(msg.contains("where 1000 were asked for"), "{msg}");
+            assert!(msg.contains("bytes=1000-1999"), "{msg}");
+        }
+    }
+
+    #[tokio::test]
+    async fn version_tail_accepts_a_whole_object_sent_instead() {
+        // A server that ignores ranges still serves whole version objects (read whole anyway).
+        let body: Vec<u8> = (0..300_000u32).map(|i| i as u8).collect();
+        let port = range_ignoring_server(body.clone(), false);
+        let remote = remote_at(port).await;
+        let pod = PodName::new("p").unwrap();
+        assert_eq!(remote.read_version(&pod, 1).await.unwrap(), body);
     }
 
     #[test]
