@@ -16,6 +16,6 @@ cargo clippy --all-targets --locked -- -D warnings
 # Integration tests run the real binary and real servers; a few at a time keeps 2 cores usable.
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-cargo test --locked -- --test-threads="${PODFS_TEST_THREADS:-4}" 2>&1 | tee "$log"
+cargo test --locked --no-fail-fast -- --test-threads="${PODFS_TEST_THREADS:-4}" 2>&1 | tee "$log"
 # One closing line for the whole run.
 awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"

@@ -138,7 +138,8 @@ pub struct OpenParams {
     /// whole-blob copies from a registry that ignores `Range`; not used by every backend.
     pub staging_dir: Option<std::path::PathBuf>,
     /// Cancelled on shutdown (SIGINT/SIGTERM): a backend stops long transfers and cleans up
-    /// after itself (S3 aborts its multipart upload), then fails with [`RemoteError::Cancelled`].
+    /// after itself (S3 aborts its multipart upload, ORAS drops its blob upload), then fails
+    /// with [`RemoteError::Cancelled`].
     pub shutdown: tokio_util::sync::CancellationToken,
 }
 
@@ -156,7 +157,7 @@ pub async fn open(
                 .with_shutdown(params.shutdown.clone()),
         )),
         RemoteUrl::Oras(o) => {
-            let remote = oras::OrasRemote::new(name, o)?;
+            let remote = oras::OrasRemote::new(name, o)?.with_shutdown(params.shutdown.clone());
             Ok(Arc::new(match &params.staging_dir {
                 Some(dir) => remote.staging_in(dir.clone()),
                 None => remote,

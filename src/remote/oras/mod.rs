@@ -41,6 +41,7 @@ use oci_client::client::{BlobResponse, SizedStream};
 use oci_client::manifest::{OCI_IMAGE_MEDIA_TYPE, OciDescriptor, OciImageManifest};
 use oci_client::{Reference, RegistryOperation};
 use reqwest::{Method, StatusCode};
+use tokio_util::sync::CancellationToken;
 
 pub use client::RegistryConfig;
 use client::{Registry, lock};
@@ -72,6 +73,8 @@ pub struct OrasRemote {
     probe: tokio::sync::Mutex<()>,
     /// Whole copies of state blobs, used once the registry is known to ignore `Range`.
     whole: WholeBlobs,
+    /// Cancelled on shutdown: a blob upload in progress stops.
+    shutdown: CancellationToken,
 }
 
 const RANGE_UNKNOWN: u8 = 0;
@@ -111,7 +114,14 @@ impl OrasRemote {
             range_support: AtomicU8::new(RANGE_UNKNOWN),
             probe: tokio::sync::Mutex::new(()),
             whole: WholeBlobs::new(std::env::temp_dir(), KEEP_AT_LEAST),
+            shutdown: CancellationToken::new(),
         })
+    }
+
+    /// Stops blob uploads when `shutdown` is cancelled.
+    pub fn with_shutdown(mut self, shutdown: CancellationToken) -> Self {
+        self.shutdown = shutdown;
+        self
     }
 
     /// Keeps whole-blob copies (for a registry that ignores `Range`) in `dir` instead of the
@@ -231,19 +241,22 @@ impl OrasRemote {
             return Ok(());
         }
         let what = format!("uploading blob {digest} ({size} bytes) to {r}");
-        self.registry
-            .call_upload(&what, size, || async {
-                match &data {
-                    Blob::Bytes(bytes) => oci.push_blob(r, bytes.clone(), digest).await,
-                    Blob::File(path, progress) => {
-                        let file = tokio::fs::File::open(path).await?;
-                        let stream = file_stream(file, Arc::clone(progress));
-                        oci.push_blob_stream(r, stream, digest, Some(size)).await
-                    }
+        let upload = self.registry.call_upload(&what, size, || async {
+            match &data {
+                Blob::Bytes(bytes) => oci.push_blob(r, bytes.clone(), digest).await,
+                Blob::File(path, progress) => {
+                    let file = tokio::fs::File::open(path).await?;
+                    let stream = file_stream(file, Arc::clone(progress));
+                    oci.push_blob_stream(r, stream, digest, Some(size)).await
                 }
-            })
-            .await?;
-        Ok(())
+            }
+        });
+        // On shutdown the upload is dropped: the registry discards an upload session that is
+        // never completed (distribution purges them after a week by default).
+        tokio::select! {
+            r = upload => r.map(|_| ()),
+            () = self.shutdown.cancelled() => Err(RemoteError::Cancelled),
+        }
     }
 
     /// Fetches a whole blob into memory; oci-client checks its digest.
