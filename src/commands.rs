@@ -14,7 +14,7 @@ use crate::pod::load::{Action, LoadParams, Strategy};
 use crate::pod::manifest::Kind;
 use crate::pod::read::{read_info, read_version, resolve_version};
 use crate::pod::save::SaveParams;
-use crate::pod::{PodName, PodRef};
+use crate::name::{PodName, PodRef};
 use crate::progress::{self, Progress};
 use crate::remote::{self, OpenParams, Remote};
 use crate::term;

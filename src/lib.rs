@@ -2,13 +2,15 @@
 //! directories.
 //!
 //! - [`config`]: the volume dir, `remotes.toml`, remote URL templates and placeholders.
+//! - [`name`]: pod names and `POD[:N]` references.
 //! - [`remote`]: the pod-level [`remote::Remote`] trait and its backends.
-//! - [`pod`]: pod names, format v1, save, load, delete.
+//! - [`pod`]: format v1, save, load, delete.
 //! - [`commands`]: the CLI commands, on top of the above.
 //! - [`term`]: what reaches a terminal: escaped remote text, one-line error chains.
 
 pub mod commands;
 pub mod config;
+pub mod name;
 pub mod pod;
 pub mod progress;
 pub mod remote;

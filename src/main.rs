@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use podfs::commands::{self, Context, LoadArgs, SaveArgs};
 use podfs::config::DEFAULT_REMOTE;
 use podfs::pod::load::Strategy;
-use podfs::pod::{PodError, PodName, PodRef};
+use podfs::name::{NameError, PodName, PodRef};
 use podfs::term;
 use tokio_util::sync::CancellationToken;
 
@@ -137,7 +137,7 @@ impl From<StrategyArg> for Strategy {
     }
 }
 
-fn parse_pod_name(s: &str) -> Result<PodName, PodError> {
+fn parse_pod_name(s: &str) -> Result<PodName, NameError> {
     PodName::new(s)
 }
 

@@ -18,7 +18,7 @@ use super::{
     MAX_VERSION_OBJECT, ObjectId, ObjectKind, Remote, RemoteError, RemoteResult, numbers_among,
     object_name, parse_object_name, pods_among, version_object_too_large,
 };
-use crate::pod::PodName;
+use crate::name::PodName;
 use crate::progress::Progress;
 
 #[derive(Debug)]

@@ -16,7 +16,7 @@ use super::{
     ObjectId, ObjectKind, Remote, RemoteError, RemoteResult, numbers_among, object_name,
     parse_object_name, pods_among,
 };
-use crate::pod::PodName;
+use crate::name::PodName;
 use crate::progress::Progress;
 
 /// Objects in memory, keyed by object name.

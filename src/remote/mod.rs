@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::config::RemoteUrl;
-use crate::pod::PodName;
+use crate::name::PodName;
 use crate::progress::Progress;
 
 /// What went wrong talking to a remote, classified so callers can act on it.

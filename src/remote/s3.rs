@@ -48,7 +48,7 @@ use super::{
     object_name, parse_object_name, pods_among, version_object_too_large,
 };
 use crate::config::{ChecksumMode, S3Url};
-use crate::pod::PodName;
+use crate::name::PodName;
 use crate::progress::Progress;
 
 /// Multipart part size when the URL gives none (`part_size=`).

@@ -51,7 +51,7 @@ use whole::{FillError, KEEP_AT_LEAST, WholeBlobs};
 
 use super::{ObjectKind, Remote, RemoteError, RemoteResult, object_name, parse_object_name};
 use crate::config::OrasUrl;
-use crate::pod::PodName;
+use crate::name::PodName;
 use crate::progress::Progress;
 
 /// Page size asked of `/v2/_catalog` and tag lists.
