@@ -122,7 +122,7 @@ pub async fn save(ctx: &Context, args: SaveArgs) -> Result<()> {
         cancel: ctx.shutdown.clone(),
         ..SaveParams::default()
     };
-    let out = crate::pod::save::save(&remote, &pod, &args.from, &params, &ctx.progress())
+    let out = crate::pod::save::save(&*remote, &pod, &args.from, &params, &ctx.progress())
         .await
         .with_context(|| format!("saving {} as pod {pod}", args.from.display()))?;
     for s in &out.skipped {
@@ -189,7 +189,7 @@ pub async fn load(ctx: &Context, args: LoadArgs) -> Result<()> {
         cancel: ctx.shutdown.clone(),
     };
     let plan = crate::pod::load::load(
-        &remote,
+        &*remote,
         pod,
         args.pod.version,
         &args.into,
@@ -249,7 +249,7 @@ pub async fn list(ctx: &Context, remote_name: &str, as_json: bool) -> Result<()>
     let mut rows = Vec::new();
     for (pod, latest) in remote.list_pods().await? {
         // One damaged pod must not hide the others.
-        match read_info(&remote, &pod, latest).await {
+        match read_info(&*remote, &pod, latest).await {
             Ok(info) => rows.push((pod, info)),
             Err(e) => eprintln!("warning: {}", term::error_chain(&e)),
         }
@@ -299,10 +299,10 @@ pub async fn versions(
 ) -> Result<()> {
     let pod = pod.clone();
     let remote = ctx.open_remote(remote_name).await?;
-    let versions = crate::pod::read::versions_of(&remote, &pod).await?;
+    let versions = crate::pod::read::versions_of(&*remote, &pod).await?;
     let mut infos = Vec::new();
     for v in versions {
-        infos.push(read_info(&remote, &pod, v).await?);
+        infos.push(read_info(&*remote, &pod, v).await?);
     }
     if as_json {
         println!("{}", serde_json::to_string_pretty(&infos)?);
@@ -328,8 +328,8 @@ pub async fn versions(
 
 pub async fn inspect(ctx: &Context, pod: &PodRef, remote_name: &str, as_json: bool) -> Result<()> {
     let remote = ctx.open_remote(remote_name).await?;
-    let version = resolve_version(&remote, &pod.pod, pod.version).await?;
-    let obj = read_version(&remote, &pod.pod, version).await?;
+    let version = resolve_version(&*remote, &pod.pod, pod.version).await?;
+    let obj = read_version(&*remote, &pod.pod, version).await?;
     if as_json {
         let v = json!({"version": obj.info, "entries": obj.manifest.entries});
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -377,7 +377,7 @@ pub async fn inspect(ctx: &Context, pod: &PodRef, remote_name: &str, as_json: bo
 
 pub async fn delete(ctx: &Context, pod: &PodRef, remote_name: &str) -> Result<()> {
     let remote = ctx.open_remote(remote_name).await?;
-    let out = crate::pod::delete::delete(&remote, &pod.pod, pod.version).await?;
+    let out = crate::pod::delete::delete(&*remote, &pod.pod, pod.version).await?;
     match pod.version {
         Some(v) => println!(
             "Deleted version {v} of pod {} on remote {remote_name} ({} removed, {} kept: still used by other versions)",

@@ -49,7 +49,7 @@ impl Fixture {
             ..SaveParams::default()
         };
         save(
-            &self.remote,
+            &*self.remote,
             &self.pod,
             &self.src(),
             &params,
@@ -60,7 +60,7 @@ impl Fixture {
     }
     async fn load(&self, version: Option<u64>, into: &Path) -> Result<(), PodError> {
         load(
-            &self.remote,
+            &*self.remote,
             &self.pod,
             version,
             into,

@@ -90,7 +90,7 @@ fn run_model(steps: Vec<Vec<(usize, Node)>>) {
     for changes in &steps {
         apply(&work, changes, &mut clock);
         let out = rt
-            .block_on(save(&remote, &pod, &work, &params, &progress))
+            .block_on(save(&*remote, &pod, &work, &params, &progress))
             .unwrap();
         if let Some(v) = out.version {
             saved.push((v, support::snapshot(&work)));
@@ -106,7 +106,7 @@ fn run_model(steps: Vec<Vec<(usize, Node)>>) {
     for (v, expected) in &saved {
         let into = tmp.path().join(format!("load-{v}"));
         rt.block_on(load(
-            &remote,
+            &*remote,
             &pod,
             Some(*v),
             &into,
@@ -123,7 +123,7 @@ fn run_model(steps: Vec<Vec<(usize, Node)>>) {
     if let (Some((v1, first)), Some(_)) = (saved.first(), saved.last()) {
         let into = tmp.path().join(format!("load-{}", saved.last().unwrap().0));
         rt.block_on(load(
-            &remote,
+            &*remote,
             &pod,
             Some(*v1),
             &into,
@@ -274,7 +274,7 @@ fn sample_version_zip() -> bytes::Bytes {
             ..SaveParams::default()
         };
         let progress: Arc<dyn Progress> = Arc::new(NoProgress);
-        rt.block_on(save(&remote, &pod, &work, &params, &progress))
+        rt.block_on(save(&*remote, &pod, &work, &params, &progress))
             .unwrap();
         rt.block_on(remote.read_version(&pod, 1)).unwrap()
     })

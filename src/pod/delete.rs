@@ -5,7 +5,6 @@
 //! another version is kept, so every remaining version stays loadable.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
 
 use super::read::{pick_version, read_info, versions_of};
 use super::{PodName, PodResult};
@@ -21,7 +20,7 @@ pub struct DeleteOutcome {
 
 /// Deletes version `version` of `pod`, or the whole pod when `version` is `None`.
 pub async fn delete(
-    remote: &Arc<dyn Remote>,
+    remote: &dyn Remote,
     pod: &PodName,
     version: Option<u64>,
 ) -> PodResult<DeleteOutcome> {
@@ -32,7 +31,7 @@ pub async fn delete(
 }
 
 async fn delete_version(
-    remote: &Arc<dyn Remote>,
+    remote: &dyn Remote,
     pod: &PodName,
     version: u64,
 ) -> PodResult<DeleteOutcome> {
@@ -59,7 +58,7 @@ async fn delete_version(
     Ok(out)
 }
 
-async fn delete_pod(remote: &Arc<dyn Remote>, pod: &PodName) -> PodResult<DeleteOutcome> {
+async fn delete_pod(remote: &dyn Remote, pod: &PodName) -> PodResult<DeleteOutcome> {
     let versions = versions_of(remote, pod).await?;
     // Newest first: an interrupted delete leaves a shorter history, never a gap at the start.
     for &v in versions.iter().rev() {

@@ -106,7 +106,7 @@ impl LoadPlan {
 
 /// Loads version `wanted` (default: latest) of `pod` into `dir`.
 pub async fn load(
-    remote: &Arc<dyn Remote>,
+    remote: &dyn Remote,
     pod: &PodName,
     wanted: Option<u64>,
     dir: &Path,
@@ -347,7 +347,7 @@ fn plan(
 }
 
 async fn apply(
-    remote: &Arc<dyn Remote>,
+    remote: &dyn Remote,
     pod: &PodName,
     obj: &VersionObject,
     dir: &Path,
@@ -531,7 +531,7 @@ fn jobs<'a>(touched: &[&'a Entry]) -> Vec<Job<'a>> {
 
 /// What writing files needs, shared by all jobs of a load.
 struct WriteCtx<'a> {
-    remote: &'a Arc<dyn Remote>,
+    remote: &'a dyn Remote,
     pod: &'a PodName,
     via: u64,
     dir: &'a Path,

@@ -50,7 +50,7 @@ impl Default for ReadBudget {
 }
 
 /// The versions of `pod`, failing with a clear error if it has none.
-pub async fn versions_of(remote: &Arc<dyn Remote>, pod: &PodName) -> PodResult<Vec<u64>> {
+pub async fn versions_of(remote: &dyn Remote, pod: &PodName) -> PodResult<Vec<u64>> {
     let versions = remote.list_versions(pod).await?;
     if versions.is_empty() {
         return Err(PodError::NoSuchPod {
@@ -63,7 +63,7 @@ pub async fn versions_of(remote: &Arc<dyn Remote>, pod: &PodName) -> PodResult<V
 
 /// Picks `wanted` (or the latest) among the pod's versions.
 pub async fn resolve_version(
-    remote: &Arc<dyn Remote>,
+    remote: &dyn Remote,
     pod: &PodName,
     wanted: Option<u64>,
 ) -> PodResult<u64> {
@@ -73,7 +73,7 @@ pub async fn resolve_version(
 
 /// Picks `wanted` (or the latest) among `versions`, the pod's listed versions.
 pub fn pick_version(
-    remote: &Arc<dyn Remote>,
+    remote: &dyn Remote,
     pod: &PodName,
     versions: &[u64],
     wanted: Option<u64>,
@@ -89,7 +89,7 @@ pub fn pick_version(
     }
 }
 
-fn map_missing(remote: &Arc<dyn Remote>, pod: &PodName, version: u64, e: RemoteError) -> PodError {
+fn map_missing(remote: &dyn Remote, pod: &PodName, version: u64, e: RemoteError) -> PodError {
     match e {
         RemoteError::NotFound(_) => PodError::NoSuchVersion {
             pod: pod.to_string(),
@@ -102,7 +102,7 @@ fn map_missing(remote: &Arc<dyn Remote>, pod: &PodName, version: u64, e: RemoteE
 
 /// Reads and validates a whole version object.
 pub async fn read_version(
-    remote: &Arc<dyn Remote>,
+    remote: &dyn Remote,
     pod: &PodName,
     version: u64,
 ) -> PodResult<VersionObject> {
@@ -115,7 +115,7 @@ pub async fn read_version(
 
 /// Reads only a version's `version.json`.
 pub async fn read_info(
-    remote: &Arc<dyn Remote>,
+    remote: &dyn Remote,
     pod: &PodName,
     version: u64,
 ) -> PodResult<VersionInfo> {
@@ -151,7 +151,7 @@ impl Chunk {
 /// Reads bytes `range` of state object `state` (via version `via`) as one request, holding
 /// budget for them until the returned chunk is dropped.
 pub async fn fetch(
-    remote: &Arc<dyn Remote>,
+    remote: &dyn Remote,
     pod: &PodName,
     via: u64,
     state: u64,
@@ -175,7 +175,7 @@ pub async fn fetch(
 /// Streams the bytes of file `entry` of version `via` into `out`, checking size and CRC-32:
 /// range reads of at most [`CHUNK`] bytes, a few in flight. Returns the bytes written.
 pub async fn copy_file<W: AsyncWrite + Unpin + Send>(
-    remote: &Arc<dyn Remote>,
+    remote: &dyn Remote,
     pod: &PodName,
     via: u64,
     entry: &Entry,

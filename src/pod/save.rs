@@ -76,7 +76,7 @@ pub struct SaveOutcome {
 
 /// Saves `dir` as the next version of `pod` on `remote`.
 pub async fn save(
-    remote: &Arc<dyn Remote>,
+    remote: &dyn Remote,
     pod: &PodName,
     dir: &Path,
     params: &SaveParams,
