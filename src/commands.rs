@@ -9,12 +9,12 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, Remotes, VolumeDir, mask_url};
+use crate::name::{PodName, PodRef};
 use crate::pod::fence;
 use crate::pod::load::{Action, LoadParams, Strategy};
 use crate::pod::manifest::Kind;
 use crate::pod::read::{read_info, read_version, resolve_version};
 use crate::pod::save::SaveParams;
-use crate::name::{PodName, PodRef};
 use crate::progress::{self, Progress};
 use crate::remote::{self, OpenParams, Remote};
 use crate::term;

@@ -7,8 +7,8 @@ use clap::error::ErrorKind;
 use clap::{Parser, Subcommand, ValueEnum};
 use podfs::commands::{self, Context, LoadArgs, SaveArgs};
 use podfs::config::DEFAULT_REMOTE;
-use podfs::pod::load::Strategy;
 use podfs::name::{NameError, PodName, PodRef};
+use podfs::pod::load::Strategy;
 use podfs::term;
 use tokio_util::sync::CancellationToken;
 

@@ -81,10 +81,7 @@ fn crafted(pod: &str, version: u64, entries: Vec<Entry>) -> VersionObject {
             stored_bytes: 0,
             states: if has_files { vec![1] } else { vec![] },
         },
-        manifest: Manifest {
-            format: FORMAT,
-            entries,
-        },
+        manifest: Manifest::new(entries),
     }
 }
 
@@ -655,11 +652,7 @@ fn a_version_zip_with_two_manifests_is_refused() {
     let good = crafted("dup", 1, vec![dir_entry("d")]);
     let info = serde_json::to_vec(&good.info).unwrap();
     let manifest = serde_json::to_vec(&good.manifest).unwrap();
-    let other = serde_json::to_vec(&Manifest {
-        format: FORMAT,
-        entries: vec![dir_entry("e")],
-    })
-    .unwrap();
+    let other = serde_json::to_vec(&Manifest::new(vec![dir_entry("e")])).unwrap();
     let zip = zip_of(&[
         ("version.json", &info),
         ("manifest.json", &manifest),

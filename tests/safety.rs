@@ -52,10 +52,7 @@ fn plant(p: &Podfs, pod: &str, entries: Vec<Entry>, state: &[u8]) {
             stored_bytes: state.len() as u64,
             states: vec![1],
         },
-        manifest: Manifest {
-            format: FORMAT,
-            entries,
-        },
+        manifest: Manifest::new(entries),
     };
     std::fs::create_dir_all(p.pods_dir()).unwrap();
     std::fs::write(

@@ -8,7 +8,6 @@
 //! paths, no `..`, no NUL, parents are directories of the pod); an existing symlink or file where
 //! the pod has a directory is replaced, never followed.
 
-use std::collections::{HashMap, HashSet};
 use std::io;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -19,7 +18,7 @@ use futures::{StreamExt, TryStreamExt};
 use tokio_util::sync::CancellationToken;
 
 use super::fence::{self, Fences, Reason};
-use super::manifest::{DataRef, Entry, Kind, VersionObject};
+use super::manifest::{DataRef, Entry, Kind, VersionObject, find};
 use super::read::{
     CHUNK, ReadBudget, copy_file, decode_into, fetch, read_version, resolve_version,
 };
@@ -255,11 +254,6 @@ fn plan(
     fences: &Fenced,
     strategy: Strategy,
 ) -> LoadPlan {
-    let cur: HashMap<&str, &Entry> = current
-        .entries
-        .iter()
-        .map(|s| (s.path.as_str(), s))
-        .collect();
     let mut out = LoadPlan {
         version,
         ..LoadPlan::default()
@@ -291,7 +285,7 @@ fn plan(
             left_alone(&e.path, holds(*why));
             continue;
         }
-        let action = match cur.get(e.path.as_str()) {
+        let action = match find(&current.entries, &e.path) {
             None => Action::Add,
             Some(s) if same(e, s) => {
                 unchanged += 1;
@@ -312,14 +306,8 @@ fn plan(
                 left_alone(&rel.to_string_lossy(), why.describe().to_owned());
             }
         }
-        let wanted: HashSet<&str> = obj
-            .manifest
-            .entries
-            .iter()
-            .map(|e| e.path.as_str())
-            .collect();
         for s in &current.entries {
-            if wanted.contains(s.path.as_str()) {
+            if obj.manifest.get(&s.path).is_some() {
                 continue;
             }
             if let Some((_, why)) = fences.holds(&s.path) {
@@ -355,17 +343,11 @@ async fn apply(
     cancel: &CancellationToken,
     progress: &Arc<dyn Progress>,
 ) -> PodResult<()> {
-    let entries: HashMap<&str, &Entry> = obj
-        .manifest
-        .entries
-        .iter()
-        .map(|e| (e.path.as_str(), e))
-        .collect();
     let touched: Vec<&Entry> = plan
         .changes
         .iter()
         .filter(|(_, a)| *a != Action::Remove)
-        .filter_map(|(p, _)| entries.get(p.as_str()).copied())
+        .filter_map(|(p, _)| obj.manifest.get(p))
         .collect();
 
     // 1. Removals (overwrite), deepest first, and directories, parents first.
@@ -416,7 +398,7 @@ async fn apply(
     let mut dir_times: Vec<(PathBuf, u32, FileTime)> = plan
         .dirs
         .iter()
-        .filter_map(|p| entries.get(p.as_str()))
+        .filter_map(|p| obj.manifest.get(p))
         .map(|e| {
             (
                 dir.join(&e.path),
@@ -505,7 +487,7 @@ fn jobs<'a>(touched: &[&'a Entry]) -> Vec<Job<'a>> {
     }
     small.sort_by_key(|(_, d)| (d.state, d.offset));
     for (e, d) in small {
-        let end = d.offset + d.csize;
+        let end = d.range().end;
         if let Some(Job::Batch {
             state,
             range,

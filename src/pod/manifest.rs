@@ -66,12 +66,109 @@ pub struct VersionInfo {
     pub states: Vec<u64>,
 }
 
-/// `manifest.json`: the whole tree.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// `manifest.json`: the whole tree, with lookups by path and by directory.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Manifest {
     pub format: u32,
+    /// Sorted by the bytes of `path`, unique (checked by [`VersionObject::decode`]).
     #[serde(deserialize_with = "bounded_entries")]
     pub entries: Vec<Entry>,
+    /// Children of each directory, built on first use.
+    #[serde(skip)]
+    children: std::sync::OnceLock<ChildIndex>,
+}
+
+impl PartialEq for Manifest {
+    fn eq(&self, other: &Self) -> bool {
+        self.format == other.format && self.entries == other.entries
+    }
+}
+
+impl Eq for Manifest {}
+
+impl Manifest {
+    pub fn new(entries: Vec<Entry>) -> Self {
+        Self {
+            format: FORMAT,
+            entries,
+            children: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The entry at `path` (binary search: entries are sorted).
+    pub fn get(&self, path: &str) -> Option<&Entry> {
+        find(&self.entries, path)
+    }
+
+    /// The entries directly inside directory `dir` (`""`: the root), sorted by path.
+    pub fn children(&self, dir: &str) -> impl Iterator<Item = &Entry> {
+        let index = self.children.get_or_init(|| ChildIndex::new(&self.entries));
+        index.of(&self.entries, dir)
+    }
+}
+
+/// The entry at `path` among `entries` sorted by the bytes of their paths.
+pub fn find<'a>(entries: &'a [Entry], path: &str) -> Option<&'a Entry> {
+    entries
+        .binary_search_by(|e| e.path.as_str().cmp(path))
+        .ok()
+        .map(|i| &entries[i])
+}
+
+/// Children of every directory, in compressed rows: the children of the directory at entry `i`
+/// are `kids[start[i + 1]..start[i + 2]]`, those of the root `kids[start[0]..start[1]]`. Three
+/// `u32`s per entry, whatever the tree's shape.
+#[derive(Debug, Clone, Default)]
+struct ChildIndex {
+    start: Vec<u32>,
+    kids: Vec<u32>,
+}
+
+impl ChildIndex {
+    fn new(entries: &[Entry]) -> Self {
+        // Row of each entry's parent: 0 for the root, i + 1 for entry i.
+        let parent: Vec<usize> = entries
+            .iter()
+            .map(|e| match e.path.rsplit_once('/') {
+                None => 0,
+                Some((dir, _)) => entries
+                    .binary_search_by(|x| x.path.as_str().cmp(dir))
+                    .map_or(0, |i| i + 1),
+            })
+            .collect();
+        let rows = entries.len() + 1;
+        let mut start = vec![0u32; rows + 1];
+        for &p in &parent {
+            start[p + 1] += 1;
+        }
+        for r in 0..rows {
+            start[r + 1] += start[r];
+        }
+        let mut next = start.clone();
+        let mut kids = vec![0u32; entries.len()];
+        for (i, &p) in parent.iter().enumerate() {
+            kids[next[p] as usize] = i as u32;
+            next[p] += 1;
+        }
+        Self { start, kids }
+    }
+
+    fn of<'a>(&'a self, entries: &'a [Entry], dir: &str) -> impl Iterator<Item = &'a Entry> {
+        let row = if dir.is_empty() {
+            Some(0)
+        } else {
+            entries
+                .binary_search_by(|x| x.path.as_str().cmp(dir))
+                .ok()
+                .filter(|&i| entries[i].kind == Kind::Dir)
+                .map(|i| i + 1)
+        };
+        let kids = match row {
+            Some(r) => &self.kids[self.start[r] as usize..self.start[r + 1] as usize],
+            None => &[][..],
+        };
+        kids.iter().map(move |&i| &entries[i as usize])
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -103,6 +200,13 @@ pub struct Entry {
     /// Where a file's bytes live.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data: Option<DataRef>,
+}
+
+impl DataRef {
+    /// The bytes of the state object that hold this file's (compressed) data.
+    pub fn range(&self) -> std::ops::Range<u64> {
+        self.offset..self.offset + self.csize
+    }
 }
 
 /// Where a file's bytes live: a range of a state object.
@@ -529,26 +633,50 @@ mod tests {
                 stored_bytes: 100,
                 states: vec![1, version],
             },
-            manifest: Manifest {
-                format: FORMAT,
-                entries: vec![
-                    dir("a"),
-                    file("a/x", 5, 1),
-                    Entry {
-                        path: "a/y".into(),
-                        kind: Kind::Symlink,
-                        mode: 0o777,
-                        mtime: 1,
-                        mtime_nsec: 0,
-                        size: 0,
-                        target: Some("../../etc/passwd".into()),
-                        data: None,
-                    },
-                    file("b", 10, version),
-                    dir("empty"),
-                ],
-            },
+            manifest: Manifest::new(vec![
+                dir("a"),
+                file("a/x", 5, 1),
+                Entry {
+                    path: "a/y".into(),
+                    kind: Kind::Symlink,
+                    mode: 0o777,
+                    mtime: 1,
+                    mtime_nsec: 0,
+                    size: 0,
+                    target: Some("../../etc/passwd".into()),
+                    data: None,
+                },
+                file("b", 10, version),
+                dir("empty"),
+            ]),
         }
+    }
+
+    #[test]
+    fn children_are_found_whatever_sorts_between_them() {
+        let dir = |p: &str| Entry {
+            path: p.into(),
+            kind: Kind::Dir,
+            mode: 0o755,
+            mtime: 0,
+            mtime_nsec: 0,
+            size: 0,
+            target: None,
+            data: None,
+        };
+        // '-' sorts before '/': "a-b" lies between "a" and "a/x", "a/x-y" before "a/x/z".
+        let m = Manifest::new(
+            ["a", "a-b", "a/x", "a/x-y", "a/x/z", "b"]
+                .iter()
+                .map(|p| dir(p))
+                .collect(),
+        );
+        let names = |d: &str| m.children(d).map(|e| e.path.as_str()).collect::<Vec<_>>();
+        assert_eq!(names(""), ["a", "a-b", "b"]);
+        assert_eq!(names("a"), ["a/x", "a/x-y"]);
+        assert_eq!(names("a/x"), ["a/x/z"]);
+        assert!(names("a/x/z").is_empty());
+        assert_eq!(m.get("a/x-y").map(|e| e.kind), Some(Kind::Dir));
     }
 
     /// The examples in docs/FORMAT.md parse as the types they document.

@@ -6,7 +6,7 @@
 //! only if absent. If another writer took the number, the same snapshot is renumbered and committed
 //! as the next one, so concurrent saves never overwrite each other.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -295,10 +295,7 @@ fn version_object(
             stored_bytes: outcome.stored_bytes,
             states: states.into_iter().collect(),
         },
-        manifest: Manifest {
-            format: FORMAT,
-            entries,
-        },
+        manifest: Manifest::new(entries),
     }
 }
 
@@ -313,9 +310,6 @@ impl Plan {
     /// Takes the scanned entries; a file whose size and mtime match the previous version's
     /// entry keeps pointing at its old data, every other file is to be stored.
     fn new(mut entries: Vec<Entry>, prev: Option<&Manifest>) -> Self {
-        let prev: HashMap<&str, &Entry> = prev
-            .map(|m| m.entries.iter().map(|e| (e.path.as_str(), e)).collect())
-            .unwrap_or_default();
         let mut to_store = Vec::new();
         let mut file_count = 0;
         for (i, e) in entries.iter_mut().enumerate() {
@@ -323,7 +317,7 @@ impl Plan {
                 continue;
             }
             file_count += 1;
-            match prev.get(e.path.as_str()) {
+            match prev.and_then(|m| m.get(&e.path)) {
                 Some(p)
                     if p.kind == Kind::File
                         && p.size == e.size
