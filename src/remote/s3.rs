@@ -801,10 +801,19 @@ impl Remote for S3Remote {
         state: u64,
         range: Range<u64>,
     ) -> RemoteResult<Bytes> {
-        if range.start >= range.end {
+        let key = self.key(pod, ObjectKind::State, state);
+        if range.start > range.end {
+            return Err(RemoteError::Other {
+                remote: self.name.clone(),
+                detail: format!(
+                    "bytes {range:?} of {} is not a range",
+                    self.object_url(&key)
+                ),
+            });
+        }
+        if range.is_empty() {
             return Ok(Bytes::new());
         }
-        let key = self.key(pod, ObjectKind::State, state);
         let want = range.end - range.start;
         let (bytes, _) = self.get(&key, &GetRange::Bytes(range.clone())).await?;
         if bytes.len() as u64 != want {
