@@ -89,26 +89,39 @@ pub fn remote_list(ctx: &Context, as_json: bool) -> Result<()> {
     Ok(())
 }
 
-/// Settings of `podfs save`.
+/// `podfs save`: its arguments, validated by clap's typed parsers.
+#[derive(Debug, clap::Args)]
 pub struct SaveArgs {
+    /// Pod name: letters, digits, '-' and '_'.
+    #[arg(value_parser = PodName::new)]
     pub pod: PodName,
+    /// Remote to save to.
+    #[arg(default_value = config::DEFAULT_REMOTE)]
     pub remote: String,
-    pub from: PathBuf,
+    /// Directory to save (default: the current directory).
+    #[arg(long)]
+    pub from: Option<PathBuf>,
+    /// A message kept with the version.
+    #[arg(short, long, default_value = "")]
     pub message: String,
+    /// Leave out directories on other file systems (podfs mounts are always left out).
+    #[arg(long)]
     pub one_file_system: bool,
+    #[arg(long)]
     pub json: bool,
 }
 
 pub async fn save(ctx: &Context, args: SaveArgs) -> Result<()> {
     let pod = args.pod;
-    let from = fence::absolute(&args.from)
-        .with_context(|| format!("cannot resolve {}", args.from.display()))?;
+    let dir = dir_or_cwd(args.from)?;
+    let from =
+        fence::absolute(&dir).with_context(|| format!("cannot resolve {}", dir.display()))?;
     let volume = fence::absolute(ctx.volume.root())
         .with_context(|| format!("cannot resolve {}", ctx.volume.root().display()))?;
     if fence::is_within(&from, &volume) {
         bail!(
             "{} is inside podfs's own volume dir {}: choose another directory",
-            args.from.display(),
+            dir.display(),
             volume.display()
         );
     }
@@ -122,9 +135,9 @@ pub async fn save(ctx: &Context, args: SaveArgs) -> Result<()> {
         cancel: ctx.shutdown.clone(),
         ..SaveParams::default()
     };
-    let out = crate::pod::save::save(&*remote, &pod, &args.from, &params, &ctx.progress())
+    let out = crate::pod::save::save(&*remote, &pod, &dir, &params, &ctx.progress())
         .await
-        .with_context(|| format!("saving {} as pod {pod}", args.from.display()))?;
+        .with_context(|| format!("saving {} as pod {pod}", dir.display()))?;
     for s in &out.skipped {
         let path = shown(&s.path);
         match s.fence {
@@ -161,23 +174,61 @@ pub async fn save(ctx: &Context, args: SaveArgs) -> Result<()> {
     Ok(())
 }
 
-/// Settings of `podfs load`.
+/// `podfs load`: its arguments, validated by clap's typed parsers.
+#[derive(Debug, clap::Args)]
 pub struct LoadArgs {
+    /// POD or POD:VERSION.
     pub pod: PodRef,
+    /// Remote to load from.
+    #[arg(default_value = config::DEFAULT_REMOTE)]
     pub remote: String,
-    pub into: PathBuf,
-    pub strategy: Strategy,
+    /// Directory to load into (default: the current directory).
+    #[arg(long)]
+    pub into: Option<PathBuf>,
+    /// merge: write the pod's entries and keep other files; overwrite: make the directory
+    /// exactly the version.
+    #[arg(long, value_enum, default_value_t = StrategyArg::Merge)]
+    pub strategy: StrategyArg,
+    /// Only list what would be added (+), changed (~) and removed (-).
+    #[arg(long)]
     pub dry_run: bool,
+    /// Restore setuid and setgid bits (cleared by default: pods store no owners, so the bits
+    /// would apply to whoever loads).
+    #[arg(long)]
     pub keep_setid: bool,
+    /// Neither write into nor remove directories on other file systems (podfs mounts are
+    /// always left alone).
+    #[arg(long)]
     pub one_file_system: bool,
+    #[arg(long)]
     pub json: bool,
 }
 
+/// `--strategy`: how a load treats what the directory already holds (the pod layer's
+/// [`Strategy`], without clap).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StrategyArg {
+    /// Write the pod's entries over the directory; keep other files.
+    Merge,
+    /// Make the directory exactly the version: also remove what it does not have.
+    Overwrite,
+}
+
+impl From<StrategyArg> for Strategy {
+    fn from(s: StrategyArg) -> Self {
+        match s {
+            StrategyArg::Merge => Strategy::Merge,
+            StrategyArg::Overwrite => Strategy::Overwrite,
+        }
+    }
+}
+
 pub async fn load(ctx: &Context, args: LoadArgs) -> Result<()> {
+    let into = dir_or_cwd(args.into)?;
     let remote = ctx.open_remote(&args.remote).await?;
     let pod = &args.pod.pod;
     let params = LoadParams {
-        strategy: args.strategy,
+        strategy: args.strategy.into(),
         dry_run: args.dry_run,
         keep_setid: args.keep_setid,
         one_file_system: args.one_file_system,
@@ -192,12 +243,12 @@ pub async fn load(ctx: &Context, args: LoadArgs) -> Result<()> {
         &*remote,
         pod,
         args.pod.version,
-        &args.into,
+        &into,
         &params,
         &ctx.progress(),
     )
     .await
-    .with_context(|| format!("loading pod {pod} into {}", args.into.display()))?;
+    .with_context(|| format!("loading pod {pod} into {}", into.display()))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&plan)?);
         return Ok(());
@@ -230,7 +281,7 @@ pub async fn load(ctx: &Context, args: LoadArgs) -> Result<()> {
         if args.dry_run { "Would load" } else { "Loaded" },
         plan.version,
         args.remote,
-        shown(&args.into),
+        shown(&into),
         plan.count(Action::Add),
         plan.count(Action::Change),
         plan.count(Action::Remove),
@@ -395,7 +446,7 @@ pub async fn delete(ctx: &Context, pod: &PodRef, remote_name: &str) -> Result<()
 }
 
 /// The directory a command works on: `given`, else the current directory.
-pub fn dir_or_cwd(given: Option<PathBuf>) -> Result<PathBuf> {
+fn dir_or_cwd(given: Option<PathBuf>) -> Result<PathBuf> {
     match given {
         Some(d) => Ok(d),
         None => std::env::current_dir().context("cannot read the current directory"),

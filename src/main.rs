@@ -1,14 +1,12 @@
 //! The `podfs` command line: parses arguments and dispatches to [`podfs::commands`].
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::error::ErrorKind;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use podfs::commands::{self, Context, LoadArgs, SaveArgs};
 use podfs::config::DEFAULT_REMOTE;
 use podfs::name::{NameError, PodName, PodRef};
-use podfs::pod::load::Strategy;
 use podfs::term;
 use tokio_util::sync::CancellationToken;
 
@@ -38,53 +36,9 @@ enum Command {
 #[derive(Subcommand)]
 enum PodCommand {
     /// Save a directory as the next version of a pod.
-    Save {
-        /// Pod name: letters, digits, '-' and '_'.
-        #[arg(value_parser = parse_pod_name)]
-        pod: PodName,
-        /// Remote to save to.
-        #[arg(default_value = DEFAULT_REMOTE)]
-        remote: String,
-        /// Directory to save (default: the current directory).
-        #[arg(long)]
-        from: Option<PathBuf>,
-        /// A message kept with the version.
-        #[arg(short, long, default_value = "")]
-        message: String,
-        /// Leave out directories on other file systems (podfs mounts are always left out).
-        #[arg(long)]
-        one_file_system: bool,
-        #[arg(long)]
-        json: bool,
-    },
+    Save(SaveArgs),
     /// Load a version of a pod (default: the latest) into a directory.
-    Load {
-        /// POD or POD:VERSION.
-        pod: PodRef,
-        /// Remote to load from.
-        #[arg(default_value = DEFAULT_REMOTE)]
-        remote: String,
-        /// Directory to load into (default: the current directory).
-        #[arg(long)]
-        into: Option<PathBuf>,
-        /// merge: write the pod's entries and keep other files; overwrite: make the directory
-        /// exactly the version.
-        #[arg(long, value_enum, default_value_t = StrategyArg::Merge)]
-        strategy: StrategyArg,
-        /// Only list what would be added (+), changed (~) and removed (-).
-        #[arg(long)]
-        dry_run: bool,
-        /// Restore setuid and setgid bits (cleared by default: pods store no owners, so the bits
-        /// would apply to whoever loads).
-        #[arg(long)]
-        keep_setid: bool,
-        /// Neither write into nor remove directories on other file systems (podfs mounts are
-        /// always left alone).
-        #[arg(long)]
-        one_file_system: bool,
-        #[arg(long)]
-        json: bool,
-    },
+    Load(LoadArgs),
     /// List the pods on a remote.
     List {
         #[arg(default_value = DEFAULT_REMOTE)]
@@ -117,24 +71,6 @@ enum PodCommand {
         #[arg(default_value = DEFAULT_REMOTE)]
         remote: String,
     },
-}
-
-/// `--strategy`: how a load treats what the directory already holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum StrategyArg {
-    /// Write the pod's entries over the directory; keep other files.
-    Merge,
-    /// Make the directory exactly the version: also remove what it does not have.
-    Overwrite,
-}
-
-impl From<StrategyArg> for Strategy {
-    fn from(s: StrategyArg) -> Self {
-        match s {
-            StrategyArg::Merge => Strategy::Merge,
-            StrategyArg::Overwrite => Strategy::Overwrite,
-        }
-    }
 }
 
 fn parse_pod_name(s: &str) -> Result<PodName, NameError> {
@@ -312,46 +248,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
 
 async fn dispatch(ctx: &Context, command: PodCommand) -> anyhow::Result<()> {
     match command {
-        PodCommand::Save {
-            pod,
-            remote,
-            from,
-            message,
-            one_file_system,
-            json,
-        } => {
-            let args = SaveArgs {
-                pod,
-                remote,
-                from: commands::dir_or_cwd(from)?,
-                message,
-                one_file_system,
-                json,
-            };
-            commands::save(ctx, args).await
-        }
-        PodCommand::Load {
-            pod,
-            remote,
-            into,
-            strategy,
-            dry_run,
-            keep_setid,
-            one_file_system,
-            json,
-        } => {
-            let args = LoadArgs {
-                pod,
-                remote,
-                into: commands::dir_or_cwd(into)?,
-                strategy: strategy.into(),
-                dry_run,
-                keep_setid,
-                one_file_system,
-                json,
-            };
-            commands::load(ctx, args).await
-        }
+        PodCommand::Save(args) => commands::save(ctx, args).await,
+        PodCommand::Load(args) => commands::load(ctx, args).await,
         PodCommand::List { remote, json } => commands::list(ctx, &remote, json).await,
         PodCommand::Versions { pod, remote, json } => {
             commands::versions(ctx, &pod, &remote, json).await
