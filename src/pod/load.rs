@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use filetime::FileTime;
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::fence::{self, Fences, Reason};
@@ -381,13 +381,35 @@ async fn apply(
         progress,
         budget: &budget,
     };
-    futures::stream::iter(jobs(&touched))
-        .map(|job| ctx.run(job))
-        .buffer_unordered(FILES_IN_FLIGHT)
-        .take_until(cancel.cancelled())
-        .try_collect::<()>()
-        .await?;
+    // After a failure no new job starts, but the jobs in flight finish (or fail) before load
+    // returns: a file being written on the blocking pool is renamed or removed by then, never
+    // left half-written behind the caller's back.
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    let mut first_error = None;
+    let mut results = std::pin::pin!(
+        futures::stream::iter(jobs(&touched))
+            .map(|job| async {
+                if failed.load(std::sync::atomic::Ordering::Relaxed) {
+                    return Ok(());
+                }
+                let r = ctx.run(job).await;
+                if r.is_err() {
+                    failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                r
+            })
+            .buffer_unordered(FILES_IN_FLIGHT)
+            .take_until(cancel.cancelled())
+    );
+    while let Some(r) = results.next().await {
+        if let Err(e) = r {
+            first_error.get_or_insert(e);
+        }
+    }
     progress.finish();
+    if let Some(e) = first_error {
+        return Err(e);
+    }
     if cancel.is_cancelled() {
         return Err(PodError::Cancelled(
             "the files written so far are complete; the rest were not loaded",
