@@ -225,6 +225,7 @@ fn deleting_versions_keeps_the_others_loadable(b: &Backend) {
     let objects = b.objects_of(&pod);
     assert!(!objects.contains_key("version-1"), "{objects:?}");
     assert!(objects.contains_key("state-1"), "{objects:?}");
+    assert_eq!(b.versions(&pod), [2, 3]);
     let into = work.path().join("v2-after-deleting-1");
     b.load(&format!("{pod}:2"), &into, &[]);
     assert_same_tree(&v2, &into);
