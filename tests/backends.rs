@@ -8,38 +8,39 @@
 mod support;
 
 use std::os::unix::fs::{PermissionsExt, symlink};
+use std::process::Stdio;
 
 use support::backend::Backend;
 use support::registry::Registry;
 use support::{MIB, assert_same_tree, copy_tree, make_tree, snapshot};
 
-/// One `#[test]` per backend for each scenario, in a module named after the scenario.
-macro_rules! on_every_backend {
-    ($($scenario:ident),* $(,)?) => {$(
+/// One `#[test]` per listed backend for a scenario, in a module named after it:
+/// `on_backends!(scenario: test_name => Backend::constructor, ...)`.
+macro_rules! on_backends {
+    ($scenario:ident: $($test:ident => $constructor:ident),+ $(,)?) => {
         mod $scenario {
             use super::support::backend::Backend;
-
-            #[test]
-            fn default_remote() {
-                super::$scenario(&Backend::default_remote(stringify!($scenario)));
-            }
-
-            #[test]
-            fn file_remote() {
-                super::$scenario(&Backend::file(stringify!($scenario)));
-            }
-
-            #[test]
-            fn s3_on_moto() {
-                super::$scenario(&Backend::moto(stringify!($scenario)));
-            }
-
-            #[test]
-            fn oras_on_registry() {
-                super::$scenario(&Backend::registry(stringify!($scenario)));
-            }
+            $(
+                #[test]
+                fn $test() {
+                    super::$scenario(&Backend::$constructor(stringify!($scenario)));
+                }
+            )+
         }
-    )*};
+    };
+}
+
+/// One `#[test]` per backend for each scenario: `SCENARIO::default_remote`, `::file_remote`,
+/// `::s3_on_moto`, `::oras_on_registry`.
+macro_rules! on_every_backend {
+    ($($scenario:ident),+ $(,)?) => {$(
+        on_backends!($scenario:
+            default_remote => default_remote,
+            file_remote => file,
+            s3_on_moto => moto,
+            oras_on_registry => registry,
+        );
+    )+};
 }
 
 on_every_backend!(
@@ -48,6 +49,14 @@ on_every_backend!(
     a_save_stores_only_the_changed_bytes,
     deleting_versions_keeps_the_others_loadable,
     load_merges_or_overwrites_and_dry_run_changes_nothing,
+);
+
+// Not on ORAS: registries have no conditional tag write, so two saves racing for one number can
+// both report it (docs/ORAS.md, "Tag race"); the scenario failed there in two runs of three.
+on_backends!(concurrent_saves_get_distinct_versions:
+    default_remote => default_remote,
+    file_remote => file,
+    s3_on_moto => moto,
 );
 
 /// The large file of the round trip: more than the 4 chunks of 8 MiB a load keeps in flight
@@ -329,6 +338,50 @@ fn load_merges_or_overwrites_and_dry_run_changes_nothing(b: &Backend) {
 
     b.load(&pod, &into, &["--strategy", "overwrite"]);
     assert_same_tree(&src, &into);
+}
+
+/// Two saves of one pod at once both commit, under distinct numbers, each its own tree.
+fn concurrent_saves_get_distinct_versions(b: &Backend) {
+    let pod = b.pod();
+    let work = tempfile::tempdir().unwrap();
+    let dirs = [work.path().join("one"), work.path().join("two")];
+    for (i, d) in dirs.iter().enumerate() {
+        make_tree(d, MIB);
+        std::fs::write(d.join("which.txt"), format!("tree {i}")).unwrap();
+    }
+    let children: Vec<_> = dirs
+        .iter()
+        .map(|d| {
+            b.podfs
+                .command()
+                .args(["save", &pod, b.remote(), "--json", "--from"])
+                .arg(d)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut versions = Vec::new();
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "concurrent podfs save failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        versions.push(v["version"].as_u64().unwrap());
+    }
+    let mut sorted = versions.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, [1, 2], "{versions:?}");
+    assert_eq!(b.versions(&pod), [1, 2]);
+    for (d, v) in dirs.iter().zip(&versions) {
+        let into = work.path().join(format!("load{v}"));
+        b.load(&format!("{pod}:{v}"), &into, &[]);
+        assert_same_tree(d, &into);
+    }
 }
 
 /// The round trip on registries that need credentials: htpasswd Basic auth, and bearer tokens

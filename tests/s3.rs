@@ -404,58 +404,6 @@ fn server_dying_mid_save_leaves_no_version() {
     p.assert_loads("crashy", "direct", dst.path(), src.path());
 }
 
-/// Two saves of one pod at once both commit, under distinct numbers, each its own tree.
-#[test]
-fn concurrent_saves_get_distinct_versions() {
-    let moto = Moto::start();
-    let p = podfs();
-    p.ok(&[
-        "remote",
-        "add",
-        "r",
-        &seed_url("race-bucket", &moto.endpoint, ""),
-    ]);
-    let work = tempfile::tempdir().unwrap();
-    let dirs = [work.path().join("one"), work.path().join("two")];
-    for (i, d) in dirs.iter().enumerate() {
-        make_tree(d, MIB);
-        write(&d.join("which.txt"), format!("tree {i}").as_bytes());
-    }
-    let children: Vec<_> = dirs
-        .iter()
-        .map(|d| {
-            p.command()
-                .args([
-                    "save",
-                    "raced",
-                    "r",
-                    "--json",
-                    "--from",
-                    d.to_str().unwrap(),
-                ])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    let mut versions = Vec::new();
-    for child in children {
-        let out = child.wait_with_output().unwrap();
-        assert_ok(&out, "concurrent podfs save");
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        versions.push(v["version"].as_u64().unwrap());
-    }
-    let mut sorted = versions.clone();
-    sorted.sort_unstable();
-    assert_eq!(sorted, [1, 2], "{versions:?}");
-    for (d, v) in dirs.iter().zip(&versions) {
-        let dst = work.path().join(format!("load{v}"));
-        std::fs::create_dir(&dst).unwrap();
-        p.assert_loads(&format!("raced:{v}"), "r", &dst, d);
-    }
-}
-
 /// The backend's edge cases through the library: two-GET version reads, exact state ranges,
 /// conditional creates (and a retried commit recognising its own bytes), missing objects, and
 /// bucket creation with a LocationConstraint outside us-east-1.
