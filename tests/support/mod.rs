@@ -1,11 +1,17 @@
 //! Shared helpers for the integration tests: run the real `podfs` binary in a private volume
-//! dir, compare directory trees, and find free loopback ports. Servers (moto, the registry) are
-//! started by the modules beside this one and stopped when dropped.
+//! dir, make and compare directory trees, and find free loopback ports. Servers (moto, the
+//! registry) are started by the modules beside this one and stopped when dropped; `backend`
+//! wraps each kind of remote in one fixture so a scenario is written once.
 #![allow(dead_code)]
 
+pub mod backend;
 pub mod moto;
 pub mod range_proxy;
 pub mod registry;
+pub mod tree;
+
+#[allow(unused_imports)] // each test crate uses some of them
+pub use tree::{MIB, copy_tree, make_tree, noise};
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
