@@ -153,6 +153,35 @@ async fn a_failed_read_leaves_no_partial_files() {
     support::assert_same_tree(&f.src(), &into);
 }
 
+/// A commit is handed what `put_state` returned for its own state: one from another number (a
+/// save that renumbered but kept its old receipt) is refused and writes nothing.
+#[tokio::test]
+async fn a_commit_refuses_a_receipt_for_another_state() {
+    let f = Fixture::new();
+    let staged = f.tmp.path().join("state");
+    std::fs::write(&staged, b"not really a zip").unwrap();
+    let stored = f
+        .remote
+        .put_state(&f.pod, 1, &staged, f.progress.clone())
+        .await
+        .unwrap();
+    assert_eq!(stored.state(), 1);
+    let zip = bytes::Bytes::from_static(b"version");
+    let err = f
+        .remote
+        .commit_version(&f.pod, 2, zip.clone(), &[2], Some(&stored), None)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("its own state object"), "{err}");
+    let err = f
+        .remote
+        .commit_version(&f.pod, 2, zip, &[2], None, None)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("not uploaded first"), "{err}");
+    assert_eq!(f.memory.names(), ["localstack-pod-p-state-1.zip"]);
+}
+
 /// After `podfs delete POD` and a new save, `state-1` names other bytes: its identity differs,
 /// so a cache keyed by identity cannot serve the old bytes.
 #[tokio::test]
@@ -206,9 +235,22 @@ async fn a_save_on_a_pod_without_identities_gives_its_states_one() {
     // Rewrite version 1 as an older podfs wrote it: no state_ids.
     let mut v1 = f.version(1).await;
     v1.info.state_ids.clear();
+    let state = f
+        .memory
+        .read_state(&f.pod, 1, 1, 0..v1.info.stored_bytes)
+        .await
+        .unwrap();
+    let staged = f.tmp.path().join("state-1");
+    std::fs::write(&staged, &state).unwrap();
     f.memory.delete_version(&f.pod, 1).await.unwrap();
+    f.memory.delete_state(&f.pod, 1).await.unwrap();
+    let stored = f
+        .memory
+        .put_state(&f.pod, 1, &staged, f.progress.clone())
+        .await
+        .unwrap();
     f.memory
-        .commit_version(&f.pod, 1, v1.encode().unwrap(), &[1], None)
+        .commit_version(&f.pod, 1, v1.encode().unwrap(), &[1], Some(&stored), None)
         .await
         .unwrap();
     assert_eq!(f.version(1).await.state_id(1), None);

@@ -183,6 +183,9 @@ pub async fn save(
     let mut n = next(previous.unwrap_or(0))?;
     for _ in 0..MAX_ATTEMPTS {
         let mut state_ids = reused_ids.clone();
+        // What the backend needs to commit the state uploaded under `n`: a new upload (under a
+        // new number after a conflict) comes with its own.
+        let mut stored = None;
         if has_state {
             state_ids.insert(n, new_state_id()?);
             progress.start("uploading", outcome.stored_bytes);
@@ -194,7 +197,7 @@ pub async fn save(
                 return Err(PodError::Cancelled(NOTHING_SAVED));
             }
             match put {
-                Ok(()) => {}
+                Ok(s) => stored = Some(s),
                 Err(RemoteError::AlreadyExists(_)) => {
                     tracing::info!(pod = %pod, version = n, "state object taken, trying the next number");
                     n = next(n)?;
@@ -213,7 +216,10 @@ pub async fn save(
         obj.info.state_ids = state_ids;
         let states = obj.info.states.clone();
         let zip = obj.encode()?;
-        match remote.commit_version(pod, n, zip, &states, previous).await {
+        match remote
+            .commit_version(pod, n, zip, &states, stored.as_ref(), previous)
+            .await
+        {
             Ok(()) => {
                 outcome.version = Some(n);
                 return Ok(outcome);
