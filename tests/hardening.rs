@@ -80,6 +80,7 @@ fn crafted(pod: &str, version: u64, entries: Vec<Entry>) -> VersionObject {
             logical_bytes: files.map(|e| e.size).sum(),
             stored_bytes: 0,
             states: if has_files { vec![1] } else { vec![] },
+            state_ids: Default::default(),
         },
         manifest: Manifest::new(entries),
     }

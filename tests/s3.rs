@@ -436,7 +436,7 @@ fn backend_reads_writes_and_conditions() {
 
         // The first write creates the bucket in the URL's region.
         let counter = Arc::new(Counter::default());
-        remote
+        let state1 = remote
             .put_state(&pod, 1, &work.path().join("small-state"), counter.clone())
             .await
             .unwrap();
@@ -462,18 +462,25 @@ fn backend_reads_writes_and_conditions() {
         // A version object larger than the first (tail) GET comes back whole and in order.
         let v = bytes::Bytes::from(big_version.clone());
         remote
-            .commit_version(&pod, 1, v.clone(), &[1], None)
+            .commit_version(&pod, 1, v.clone(), &[1], Some(&state1), None)
             .await
             .unwrap();
         assert_eq!(remote.read_version(&pod, 1).await.unwrap(), v);
         // Committing the same bytes again is recognised as done (a retry whose first attempt
         // succeeded); different bytes are a conflict.
         remote
-            .commit_version(&pod, 1, v.clone(), &[1], None)
+            .commit_version(&pod, 1, v.clone(), &[1], Some(&state1), None)
             .await
             .unwrap();
         let err = remote
-            .commit_version(&pod, 1, bytes::Bytes::from_static(b"other"), &[1], None)
+            .commit_version(
+                &pod,
+                1,
+                bytes::Bytes::from_static(b"other"),
+                &[1],
+                Some(&state1),
+                None,
+            )
             .await
             .unwrap_err();
         assert!(
@@ -483,7 +490,7 @@ fn backend_reads_writes_and_conditions() {
         // A small one (under the tail size) in one GET.
         let small = bytes::Bytes::from_static(b"tiny version object");
         remote
-            .commit_version(&pod, 2, small.clone(), &[1], Some(1))
+            .commit_version(&pod, 2, small.clone(), &[1], None, Some(1))
             .await
             .unwrap();
         assert_eq!(remote.read_version(&pod, 2).await.unwrap(), small);

@@ -51,6 +51,7 @@ fn plant(p: &Podfs, pod: &str, entries: Vec<Entry>, state: &[u8]) {
             logical_bytes: files.map(|e| e.size).sum(),
             stored_bytes: state.len() as u64,
             states: vec![1],
+            state_ids: Default::default(),
         },
         manifest: Manifest::new(entries),
     };

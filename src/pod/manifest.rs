@@ -4,9 +4,9 @@
 //! [`VersionObject::decode`] validates everything a loader relies on, so code that holds a decoded
 //! manifest may trust it: every path is relative, normalized and free of NUL; every entry's parent
 //! is a directory of the manifest; entries are sorted and unique; every file points into a state
-//! object the version lists.
+//! object the version lists, and every state identity is well-formed and names a listed state.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::io::{Cursor, Read, Write};
 
 use bytes::Bytes;
@@ -64,6 +64,47 @@ pub struct VersionInfo {
     pub stored_bytes: u64,
     /// State objects the manifest refers to, ascending.
     pub states: Vec<u64>,
+    /// The identity of state objects in `states` ([`new_state_id`]; docs/FORMAT.md, *State
+    /// identity*): made when the object was created, copied by every later version that uses
+    /// it. Absent (empty) in pods written before identities; such states have no identity.
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "unique_state_ids"
+    )]
+    pub state_ids: BTreeMap<u64, String>,
+}
+
+impl VersionInfo {
+    /// The identity of state object `state`, or `None` when the version records none (a pod
+    /// written before identities): then nothing may be cached under its name.
+    pub fn state_id(&self, state: u64) -> Option<&str> {
+        self.state_ids.get(&state).map(String::as_str)
+    }
+}
+
+/// Hex digits in a state identity: 128 bits.
+pub const STATE_ID_LEN: usize = 32;
+
+/// A new state identity: 128 bits from the system's random number generator, as
+/// [`STATE_ID_LEN`] lowercase hex digits. A state object's name (`state-K`) is reused after its
+/// pod is deleted and saved again; its identity never is, so a cache keyed by identity is never
+/// stale.
+pub fn new_state_id() -> PodResult<String> {
+    let mut bits = [0u8; STATE_ID_LEN / 2];
+    getrandom::fill(&mut bits).map_err(|e| PodError::Io {
+        path: "<system random number generator>".into(),
+        source: std::io::Error::other(format!(
+            "{e}: podfs needs random numbers to name a new state object (check that the \
+             getrandom system call or /dev/urandom is available)"
+        )),
+    })?;
+    Ok(hex::encode(bits))
+}
+
+/// Whether `id` is a well-formed state identity: exactly [`STATE_ID_LEN`] lowercase hex digits.
+pub fn is_state_id(id: &str) -> bool {
+    id.len() == STATE_ID_LEN && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// `manifest.json`: the whole tree, with lookups by path and by directory.
@@ -257,6 +298,11 @@ pub fn unsafe_path_reason(path: &str) -> Option<&'static str> {
 }
 
 impl VersionObject {
+    /// The identity of state object `state` of this version (see [`VersionInfo::state_id`]).
+    pub fn state_id(&self, state: u64) -> Option<&str> {
+        self.info.state_id(state)
+    }
+
     /// Encodes the version zip: `version.json` first, then `manifest.json`, both deflated.
     pub fn encode(&self) -> PodResult<Bytes> {
         let corrupt = |reason: String| PodError::Corrupt {
@@ -418,7 +464,8 @@ fn corrupt_fn(pod: &PodName, version: u64) -> impl Fn(String) -> PodError {
     }
 }
 
-/// What `version.json` must say of itself: format 1, this pod, this version.
+/// What `version.json` must say of itself: format 1, this pod, this version; identities only
+/// for listed states, well-formed, and no two states with the same one.
 fn check_info(info: &VersionInfo, pod: &PodName, version: u64) -> Result<(), String> {
     if info.format != FORMAT {
         return Err(format!(
@@ -431,6 +478,25 @@ fn check_info(info: &VersionInfo, pod: &PodName, version: u64) -> Result<(), Str
             "the object says it is version {} of pod {:?}",
             info.version, info.pod
         ));
+    }
+    let mut seen = HashSet::new();
+    for (state, id) in &info.state_ids {
+        if !info.states.contains(state) {
+            return Err(format!(
+                "state_ids names state object {state}, which the version does not list"
+            ));
+        }
+        if !is_state_id(id) {
+            return Err(format!(
+                "the identity of state object {state} is not {} lowercase hex digits",
+                STATE_ID_LEN
+            ));
+        }
+        if !seen.insert(id.as_str()) {
+            return Err(format!(
+                "two state objects have the identity {id} (each identity names one object)"
+            ));
+        }
     }
     Ok(())
 }
@@ -559,6 +625,35 @@ impl<R: Read> Read for JsonGuard<R> {
     }
 }
 
+/// Deserializes `state_ids`, refusing a state named twice (`"1"` and `"01"` included): which of
+/// two identities counts would be a guess.
+fn unique_state_ids<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<u64, String>, D::Error> {
+    struct Unique;
+    impl<'de> serde::de::Visitor<'de> for Unique {
+        type Value = BTreeMap<u64, String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            write!(f, "a map from state numbers to identities")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<BTreeMap<u64, String>, A::Error> {
+            let mut out = BTreeMap::new();
+            while let Some((state, id)) = map.next_entry::<u64, String>()? {
+                if out.insert(state, id).is_some() {
+                    return Err(serde::de::Error::custom(format!(
+                        "state object {state} has two identities"
+                    )));
+                }
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_map(Unique)
+}
+
 /// Deserializes `entries`, refusing more than [`limits::ENTRIES`] before allocating them.
 fn bounded_entries<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Entry>, D::Error> {
     struct Bounded;
@@ -590,6 +685,9 @@ fn bounded_entries<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Entry>,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const ID_A: &str = "0123456789abcdef0123456789abcdef";
+    const ID_B: &str = "fedcba9876543210fedcba9876543210";
 
     pub(crate) fn sample(pod: &str, version: u64) -> VersionObject {
         let file = |path: &str, size: u64, state: u64| Entry {
@@ -632,6 +730,7 @@ mod tests {
                 logical_bytes: 15,
                 stored_bytes: 100,
                 states: vec![1, version],
+                state_ids: [(1, ID_A.to_owned()), (version, ID_B.to_owned())].into(),
             },
             manifest: Manifest::new(vec![
                 dir("a"),
@@ -691,6 +790,10 @@ mod tests {
         assert_eq!(blocks.len(), 2);
         let info: VersionInfo = serde_json::from_str(blocks[0]).unwrap();
         assert_eq!((info.version, info.states.clone()), (3, vec![1, 3]));
+        assert_eq!(info.state_id(1), Some("5f0c2a9e4b7d4e1c9a3f6b8d2e0c7a14"));
+        assert_eq!(info.state_id(3), Some("c41e9b07d2a54f3e8b6a1d9c0f2e7b35"));
+        assert_eq!(info.state_id(2), None);
+        check_info(&info, &pod("my-pod"), 3).unwrap();
         let manifest: Manifest = serde_json::from_str(blocks[1]).unwrap();
         assert_eq!(manifest.entries[1].data.unwrap().method, Method::Deflate);
         assert_eq!(manifest.entries[2].target.as_deref(), Some("config.json"));
@@ -708,6 +811,89 @@ mod tests {
         assert_eq!(back.info, obj.info);
         assert_eq!(back.manifest, obj.manifest);
         assert_eq!(decode_info(&pod("p"), 2, bytes).unwrap(), obj.info);
+    }
+
+    /// A `version.json` written before state identities (no `state_ids`) still reads; its
+    /// states have no identity, and writing it back leaves the field out.
+    #[test]
+    fn version_json_without_state_ids_still_reads() {
+        let mut obj = sample("p", 2);
+        obj.info.state_ids.clear();
+        let bytes = obj.encode().unwrap();
+        let text = {
+            let mut zip = zip::ZipArchive::new(Cursor::new(bytes.clone())).unwrap();
+            let mut s = String::new();
+            zip.by_name(VERSION_JSON)
+                .unwrap()
+                .read_to_string(&mut s)
+                .unwrap();
+            s
+        };
+        assert!(!text.contains("state_ids"), "{text}");
+        let back = VersionObject::decode(&pod("p"), 2, bytes).unwrap();
+        assert_eq!((back.state_id(1), back.state_id(2)), (None, None));
+        let old = r#"{"format": 1, "pod": "p", "version": 1, "parent": null,
+            "created_at": "2025-01-01T00:00:00Z", "tool_version": "podfs 0.0.9",
+            "file_count": 0, "logical_bytes": 0, "stored_bytes": 0, "states": []}"#;
+        let info: VersionInfo = serde_json::from_str(old).unwrap();
+        assert!(info.state_ids.is_empty());
+    }
+
+    #[test]
+    fn state_ids_round_trip_and_are_checked() {
+        let obj = sample("p", 2);
+        let back = VersionObject::decode(&pod("p"), 2, obj.encode().unwrap()).unwrap();
+        assert_eq!(
+            (back.state_id(1), back.state_id(2)),
+            (Some(ID_A), Some(ID_B))
+        );
+        assert_eq!(back.state_id(3), None);
+
+        let with = |f: fn(&mut VersionInfo)| {
+            let mut obj = sample("p", 2);
+            f(&mut obj.info);
+            decode_err(&obj)
+        };
+        let msg = with(|i| {
+            i.state_ids.insert(3, ID_A.replace('0', "1"));
+        });
+        assert!(msg.contains("does not list"), "{msg}");
+        for bad in [
+            "",
+            "0123",
+            "0123456789ABCDEF0123456789ABCDEF",
+            "g123456789abcdef0123456789abcdef",
+        ] {
+            let mut obj = sample("p", 2);
+            obj.info.state_ids.insert(1, bad.into());
+            let msg = decode_err(&obj);
+            assert!(msg.contains("lowercase hex"), "{bad}: {msg}");
+        }
+        let msg = with(|i| {
+            i.state_ids.insert(2, ID_A.into());
+        });
+        assert!(msg.contains("two state objects"), "{msg}");
+        // The listing parser refuses what a load refuses.
+        let mut obj = sample("p", 2);
+        obj.info.state_ids.insert(2, "x".into());
+        assert!(decode_info(&pod("p"), 2, obj.encode().unwrap()).is_err());
+
+        // A state named twice in the JSON is refused, not resolved by a guess.
+        let twice = format!(r#"{{"1": "{ID_A}", "1": "{ID_B}"}}"#);
+        let mut de = serde_json::Deserializer::from_str(&twice);
+        let err = unique_state_ids(&mut de).unwrap_err();
+        assert!(err.to_string().contains("two identities"), "{err}");
+        let padded = format!(r#"{{"1": "{ID_A}", "01": "{ID_B}"}}"#);
+        let mut de = serde_json::Deserializer::from_str(&padded);
+        assert!(unique_state_ids(&mut de).is_err());
+    }
+
+    #[test]
+    fn new_state_ids_are_well_formed_and_differ() {
+        let a = new_state_id().unwrap();
+        let b = new_state_id().unwrap();
+        assert!(is_state_id(&a) && is_state_id(&b), "{a} {b}");
+        assert_ne!(a, b);
     }
 
     #[test]

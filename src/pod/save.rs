@@ -5,13 +5,19 @@
 //! state zip, staged on local disk and uploaded streaming. The version object is then committed
 //! only if absent. If another writer took the number, the same snapshot is renumbered and committed
 //! as the next one, so concurrent saves never overwrite each other.
+//!
+//! Every state object gets a fresh random identity when it is uploaded (a state renumbered after
+//! a conflict is a new object, with a new identity); a version that reuses older states copies
+//! their identities from its parent (docs/FORMAT.md, *State identity*).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::fence::Fences;
-use super::manifest::{DataRef, Entry, FORMAT, Kind, Manifest, VersionInfo, VersionObject};
+use super::manifest::{
+    DataRef, Entry, FORMAT, Kind, Manifest, VersionInfo, VersionObject, new_state_id,
+};
 use super::read::read_version;
 use super::scan::{ScanOptions, Skipped, scan};
 use super::state::{DEFAULT_COMPRESS_BELOW, StateInput, write_state_zip};
@@ -173,9 +179,15 @@ pub async fn save(
                 last: n,
             })
     };
+    let reused_ids = reused_state_ids(&entries, prev.as_ref())?;
     let mut n = next(previous.unwrap_or(0))?;
     for _ in 0..MAX_ATTEMPTS {
+        let mut state_ids = reused_ids.clone();
+        // What the backend needs to commit the state uploaded under `n`: a new upload (under a
+        // new number after a conflict) comes with its own.
+        let mut stored = None;
         if has_state {
+            state_ids.insert(n, new_state_id()?);
             progress.start("uploading", outcome.stored_bytes);
             let put = remote
                 .put_state(pod, n, staged.path(), Arc::clone(progress))
@@ -185,7 +197,7 @@ pub async fn save(
                 return Err(PodError::Cancelled(NOTHING_SAVED));
             }
             match put {
-                Ok(()) => {}
+                Ok(s) => stored = Some(s),
                 Err(RemoteError::AlreadyExists(_)) => {
                     tracing::info!(pod = %pod, version = n, "state object taken, trying the next number");
                     n = next(n)?;
@@ -200,10 +212,14 @@ pub async fn save(
             }
             return Err(PodError::Cancelled(NOTHING_SAVED));
         }
-        let obj = version_object(pod, n, previous, &entries, &plan.to_store, params, &outcome);
+        let mut obj = version_object(pod, n, previous, &entries, &plan.to_store, params, &outcome);
+        obj.info.state_ids = state_ids;
         let states = obj.info.states.clone();
         let zip = obj.encode()?;
-        match remote.commit_version(pod, n, zip, &states, previous).await {
+        match remote
+            .commit_version(pod, n, zip, &states, stored.as_ref(), previous)
+            .await
+        {
             Ok(()) => {
                 outcome.version = Some(n);
                 return Ok(outcome);
@@ -260,7 +276,33 @@ fn sweep_staging(dir: &Path) {
     }
 }
 
-/// Builds version `n`'s object, pointing newly stored files at state object `n`.
+/// The identities of the states the new version reuses (every state but its own, still
+/// numbered 0 in `entries`): copied from the parent's `version.json`. A state the parent has no
+/// identity for (a pod written before identities) gets a fresh one, so the pod can be cached
+/// from this version on: a new identity can never name other bytes, only the same bytes twice.
+fn reused_state_ids(
+    entries: &[Entry],
+    parent: Option<&VersionObject>,
+) -> PodResult<BTreeMap<u64, String>> {
+    let reused: BTreeSet<u64> = entries
+        .iter()
+        .filter_map(|e| e.data.map(|d| d.state))
+        .filter(|&s| s != 0)
+        .collect();
+    reused
+        .into_iter()
+        .map(|s| {
+            let id = match parent.and_then(|p| p.state_id(s)) {
+                Some(id) => id.to_owned(),
+                None => new_state_id()?,
+            };
+            Ok((s, id))
+        })
+        .collect()
+}
+
+/// Builds version `n`'s object, pointing newly stored files at state object `n`; the caller
+/// fills in the state identities.
 fn version_object(
     pod: &PodName,
     n: u64,
@@ -294,6 +336,7 @@ fn version_object(
             logical_bytes: outcome.logical_bytes,
             stored_bytes: outcome.stored_bytes,
             states: states.into_iter().collect(),
+            state_ids: BTreeMap::new(),
         },
         manifest: Manifest::new(entries),
     }

@@ -15,8 +15,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::{
-    MAX_VERSION_OBJECT, ObjectId, ObjectKind, Remote, RemoteError, RemoteResult, numbers_among,
-    object_name, parse_object_name, pods_among, version_object_too_large,
+    MAX_VERSION_OBJECT, ObjectId, ObjectKind, Remote, RemoteError, RemoteResult, StoredState,
+    check_new_state, numbers_among, object_name, parse_object_name, pods_among,
+    version_object_too_large,
 };
 use crate::name::PodName;
 use crate::progress::Progress;
@@ -223,7 +224,7 @@ impl Remote for FileRemote {
         version: u64,
         file: &Path,
         progress: Arc<dyn Progress>,
-    ) -> RemoteResult<()> {
+    ) -> RemoteResult<StoredState> {
         let dest = self.path(pod, ObjectKind::State, version);
         let src = file.to_owned();
         let size = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
@@ -259,10 +260,9 @@ impl Remote for FileRemote {
             link_if_absent(&tmp_path, &dest)
         })
         .await;
-        if put.is_ok() {
-            progress.advance(size);
-        }
-        put
+        put?;
+        progress.advance(size);
+        Ok(StoredState::named(pod, version))
     }
 
     async fn commit_version(
@@ -270,9 +270,11 @@ impl Remote for FileRemote {
         pod: &PodName,
         version: u64,
         version_zip: Bytes,
-        _states: &[u64],
+        states: &[u64],
+        new_state: Option<&StoredState>,
         _parent: Option<u64>,
     ) -> RemoteResult<()> {
+        check_new_state(&self.name, pod, version, states, new_state)?;
         let dest = self.path(pod, ObjectKind::Version, version);
         blocking(move || {
             let mut tmp = temp_beside(&dest)?;

@@ -13,8 +13,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::{
-    ObjectId, ObjectKind, Remote, RemoteError, RemoteResult, numbers_among, object_name,
-    parse_object_name, pods_among,
+    ObjectId, ObjectKind, Remote, RemoteError, RemoteResult, StoredState, check_new_state,
+    numbers_among, object_name, parse_object_name, pods_among,
 };
 use crate::name::PodName;
 use crate::progress::Progress;
@@ -111,12 +111,12 @@ impl Remote for MemoryRemote {
         version: u64,
         file: &Path,
         progress: Arc<dyn Progress>,
-    ) -> RemoteResult<()> {
+    ) -> RemoteResult<StoredState> {
         let bytes = std::fs::read(file).map_err(RemoteError::io(file.display().to_string()))?;
         let len = bytes.len() as u64;
         self.create(object_name(pod, ObjectKind::State, version), bytes.into())?;
         progress.advance(len);
-        Ok(())
+        Ok(StoredState::named(pod, version))
     }
 
     async fn commit_version(
@@ -124,9 +124,11 @@ impl Remote for MemoryRemote {
         pod: &PodName,
         version: u64,
         version_zip: Bytes,
-        _states: &[u64],
+        states: &[u64],
+        new_state: Option<&StoredState>,
         _parent: Option<u64>,
     ) -> RemoteResult<()> {
+        check_new_state(self.name(), pod, version, states, new_state)?;
         self.create(object_name(pod, ObjectKind::Version, version), version_zip)
     }
 
@@ -220,7 +222,7 @@ impl Remote for FaultyRemote {
         version: u64,
         file: &Path,
         progress: Arc<dyn Progress>,
-    ) -> RemoteResult<()> {
+    ) -> RemoteResult<StoredState> {
         self.take(Call::PutState)?;
         self.inner.put_state(pod, version, file, progress).await
     }
@@ -230,11 +232,12 @@ impl Remote for FaultyRemote {
         version: u64,
         version_zip: Bytes,
         states: &[u64],
+        new_state: Option<&StoredState>,
         parent: Option<u64>,
     ) -> RemoteResult<()> {
         self.take(Call::CommitVersion)?;
         self.inner
-            .commit_version(pod, version, version_zip, states, parent)
+            .commit_version(pod, version, version_zip, states, new_state, parent)
             .await
     }
     async fn delete_version(&self, pod: &PodName, version: u64) -> RemoteResult<()> {

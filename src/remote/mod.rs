@@ -52,6 +52,64 @@ impl RemoteError {
 
 pub type RemoteResult<T> = Result<T, RemoteError>;
 
+/// A state object [`Remote::put_state`] stored, handed to [`Remote::commit_version`] of the
+/// version that introduces it. It carries what the backend needs to commit (the ORAS layer's
+/// digest and size), so nothing is kept inside the remote between the two calls: a save that
+/// fails or moves to another number simply drops it. Opaque above `remote/`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredState {
+    pod: PodName,
+    state: u64,
+    receipt: Receipt,
+}
+
+/// What a backend noted about an upload, for its own commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Receipt {
+    /// The object is found by its name (file, S3, memory).
+    Named,
+    /// A content-addressed blob (ORAS): its `sha256:` digest and size.
+    Blob { digest: String, size: u64 },
+}
+
+impl StoredState {
+    /// A state object a backend finds again by its name.
+    fn named(pod: &PodName, state: u64) -> Self {
+        Self {
+            pod: pod.clone(),
+            state,
+            receipt: Receipt::Named,
+        }
+    }
+
+    /// A content-addressed blob with `digest` (`sha256:…`) of `size` bytes.
+    fn blob(pod: &PodName, state: u64, digest: String, size: u64) -> Self {
+        Self {
+            pod: pod.clone(),
+            state,
+            receipt: Receipt::Blob { digest, size },
+        }
+    }
+
+    /// The pod the state object belongs to.
+    pub fn pod(&self) -> &PodName {
+        &self.pod
+    }
+
+    /// The state object's number (`K` of `state-K`).
+    pub fn state(&self) -> u64 {
+        self.state
+    }
+
+    /// The digest and size of the blob, for a backend that stores blobs.
+    fn blob_ref(&self) -> Option<(&str, u64)> {
+        match &self.receipt {
+            Receipt::Named => None,
+            Receipt::Blob { digest, size } => Some((digest, *size)),
+        }
+    }
+}
+
 /// Largest version object a backend reads: it is held in memory while it is decoded. About 10
 /// million manifest entries (45 bytes each, deflated, measured); docs/FORMAT.md, *Limits*.
 /// Backends refuse a larger object before reading it.
@@ -100,24 +158,29 @@ pub trait Remote: Send + Sync + std::fmt::Debug {
     /// Stores `file` as state object `version`, only if no state object of that number exists
     /// ([`RemoteError::AlreadyExists`] otherwise). Streams: never holds the whole file in memory.
     /// The caller must not modify `file` afterwards: a backend may link it instead of copying.
-    /// `progress` is advanced by the bytes sent (the caller has started it).
+    /// `progress` is advanced by the bytes sent (the caller has started it). The returned
+    /// [`StoredState`] goes to the [`commit_version`](Remote::commit_version) of version
+    /// `version`; the backend keeps nothing of it.
     async fn put_state(
         &self,
         pod: &PodName,
         version: u64,
         file: &Path,
         progress: Arc<dyn Progress>,
-    ) -> RemoteResult<()>;
+    ) -> RemoteResult<StoredState>;
 
     /// Commits version `version` by creating its version object only if absent
     /// ([`RemoteError::AlreadyExists`] when another writer took the number first). `states` are
-    /// the state objects the version refers to (already stored), `parent` its parent version.
+    /// the state objects the version refers to (already stored), `parent` its parent version,
+    /// `new_state` what `put_state` returned for the version's own state object `version` when
+    /// it has one (it must then be in `states`; older states are found through `parent`).
     async fn commit_version(
         &self,
         pod: &PodName,
         version: u64,
         version_zip: Bytes,
         states: &[u64],
+        new_state: Option<&StoredState>,
         parent: Option<u64>,
     ) -> RemoteResult<()>;
 
@@ -129,6 +192,39 @@ pub trait Remote: Send + Sync + std::fmt::Debug {
 
     /// State objects of `pod` that exist, committed or not (used to clean up a deleted pod).
     async fn list_states(&self, pod: &PodName) -> RemoteResult<Vec<u64>>;
+}
+
+/// Checks that `new_state` is what `commit_version` of version `version` of `pod` listing
+/// `states` may take: state object `version` of `pod`, present exactly when `states` lists
+/// `version`. A mismatch is a bug of the caller, refused before anything is written.
+pub(crate) fn check_new_state(
+    remote: &str,
+    pod: &PodName,
+    version: u64,
+    states: &[u64],
+    new_state: Option<&StoredState>,
+) -> RemoteResult<()> {
+    let listed = states.contains(&version);
+    let detail = match new_state {
+        Some(s) if s.pod != *pod || s.state != version => format!(
+            "cannot commit version {version} of pod {pod:?} with state object {} of pod {:?}: \
+             a version can only introduce its own state object",
+            s.state, s.pod
+        ),
+        Some(_) if !listed => format!(
+            "cannot commit version {version} of pod {pod:?}: it does not list the state object \
+             it uploaded"
+        ),
+        None if listed => format!(
+            "cannot commit version {version} of pod {pod:?}: its state object {version} was not \
+             uploaded first"
+        ),
+        _ => return Ok(()),
+    };
+    Err(RemoteError::Other {
+        remote: remote.to_owned(),
+        detail,
+    })
 }
 
 /// Settings for opening a remote that do not come from its URL.
@@ -240,6 +336,31 @@ pub fn numbers_among(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_commit_takes_only_the_receipt_of_its_own_state() {
+        let (p, q) = (PodName::new("p").unwrap(), PodName::new("q").unwrap());
+        let check = |version, states: &[u64], s: Option<&StoredState>| {
+            check_new_state("r", &p, version, states, s).map_err(|e| e.to_string())
+        };
+        let mine = StoredState::blob(&p, 2, "sha256:ab".into(), 7);
+        assert_eq!(mine.blob_ref(), Some(("sha256:ab", 7)));
+        assert_eq!((mine.pod(), mine.state()), (&p, 2));
+        check(2, &[1, 2], Some(&mine)).unwrap();
+        check(2, &[1], None).unwrap();
+        check(2, &[], None).unwrap();
+        let err = check(2, &[1, 2], None).unwrap_err();
+        assert!(err.contains("was not uploaded first"), "{err}");
+        let err = check(2, &[1], Some(&mine)).unwrap_err();
+        assert!(err.contains("does not list"), "{err}");
+        // A receipt from before a renumbering, or of another pod, is refused.
+        let err = check(3, &[3], Some(&mine)).unwrap_err();
+        assert!(err.contains("its own state object"), "{err}");
+        let other = StoredState::named(&q, 2);
+        assert_eq!(other.blob_ref(), None);
+        let err = check(2, &[2], Some(&other)).unwrap_err();
+        assert!(err.contains("its own state object"), "{err}");
+    }
 
     #[test]
     fn names_round_trip_and_parse_from_the_right() {

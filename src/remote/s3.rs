@@ -44,8 +44,9 @@ use futures::{StreamExt, TryStreamExt};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    MAX_VERSION_OBJECT, ObjectId, ObjectKind, Remote, RemoteError, RemoteResult, numbers_among,
-    object_name, parse_object_name, pods_among, version_object_too_large,
+    MAX_VERSION_OBJECT, ObjectId, ObjectKind, Remote, RemoteError, RemoteResult, StoredState,
+    check_new_state, numbers_among, object_name, parse_object_name, pods_among,
+    version_object_too_large,
 };
 use crate::config::{ChecksumMode, S3Url};
 use crate::name::PodName;
@@ -837,7 +838,7 @@ impl Remote for S3Remote {
         version: u64,
         file: &Path,
         progress: Arc<dyn Progress>,
-    ) -> RemoteResult<()> {
+    ) -> RemoteResult<StoredState> {
         let key = self.key(pod, ObjectKind::State, version);
         let context = format!("opening {}", file.display());
         let path = file.to_owned();
@@ -853,7 +854,7 @@ impl Remote for S3Remote {
             self.with_bucket(|| self.put_small(&key, body.clone()))
                 .await?;
             progress.advance(size);
-            return Ok(());
+            return Ok(StoredState::named(pod, version));
         }
         // The condition is only checked when the upload completes: look first, so a number
         // taken by another writer does not cost a whole upload.
@@ -865,7 +866,8 @@ impl Remote for S3Remote {
             )));
         }
         self.with_bucket(|| self.put_multipart(&key, &opened, size, &*progress))
-            .await
+            .await?;
+        Ok(StoredState::named(pod, version))
     }
 
     async fn commit_version(
@@ -873,9 +875,11 @@ impl Remote for S3Remote {
         pod: &PodName,
         version: u64,
         version_zip: Bytes,
-        _states: &[u64],
+        states: &[u64],
+        new_state: Option<&StoredState>,
         _parent: Option<u64>,
     ) -> RemoteResult<()> {
+        check_new_state(&self.name, pod, version, states, new_state)?;
         let key = self.key(pod, ObjectKind::Version, version);
         match self
             .with_bucket(|| self.put_small(&key, version_zip.clone()))

@@ -11,7 +11,17 @@
 //! - Blobs are never deleted by podfs: the registry's garbage collector removes blobs no manifest
 //!   refers to. [`Remote::delete_state`] is a no-op and [`Remote::list_states`] reports the states
 //!   referenced by the existing manifests.
-//! - Tags are immutable for podfs, so manifests are cached in memory per `(pod, tag)`.
+//! - Tags are immutable for podfs, so manifests are cached in memory per `(pod, tag)`. A tag is
+//!   reused only after its version is deleted: [`Remote::delete_version`] evicts the entry and a
+//!   commit replaces it, so within one process the cache follows. After a delete and a new save
+//!   by another process, the entry still describes the old version: a reader sees that version
+//!   whole (the manifest pins every blob by digest, so the old version zip and the old state
+//!   blobs, with the old state identities), or NotFound once the registry collected them, never
+//!   a mix. A long-lived reader (the mount, to come) must revalidate a tag's digest when it
+//!   refreshes a pod.
+//! - `put_state` returns the state blob's digest and size in its [`StoredState`], and
+//!   `commit_version` takes them from there: the remote keeps nothing between the two calls, so
+//!   a failed commit leaves only an unreferenced blob for the registry's garbage collector.
 //! - State reads are one range request each, with no cache here: `pod::load` already merges
 //!   neighbouring small files into one read.
 //! - A registry that ignores `Range` (answers `200` with the whole blob) is noticed on its first
@@ -49,7 +59,10 @@ use layout::*;
 pub use layout::{POD_ARTIFACT_TYPE, STATE_MEDIA_TYPE, VERSION_MEDIA_TYPE};
 use whole::{FillError, KEEP_AT_LEAST, WholeBlobs};
 
-use super::{ObjectKind, Remote, RemoteError, RemoteResult, object_name, parse_object_name};
+use super::{
+    ObjectKind, Remote, RemoteError, RemoteResult, StoredState, check_new_state, object_name,
+    parse_object_name,
+};
 use crate::config::OrasUrl;
 use crate::name::PodName;
 use crate::progress::Progress;
@@ -63,8 +76,6 @@ pub struct OrasRemote {
     registry: Registry,
     /// Validated pod manifests by `(pod, tag)`. Tags are immutable for podfs.
     manifests: Mutex<HashMap<(PodName, u64), Arc<OciImageManifest>>>,
-    /// State blobs pushed by `put_state`, waiting for `commit_version`.
-    pending: Mutex<HashMap<(PodName, u64), OciDescriptor>>,
     /// Whether the registry honours `Range`: one of [`RANGE_UNKNOWN`], [`RANGE_HONOURED`],
     /// [`RANGE_IGNORED`] (set by the first `200` answer to a ranged read, and kept).
     range_support: AtomicU8,
@@ -110,7 +121,6 @@ impl OrasRemote {
             namespace: url.namespace.clone(),
             registry: Registry::new(name, url, config)?,
             manifests: Mutex::new(HashMap::new()),
-            pending: Mutex::new(HashMap::new()),
             range_support: AtomicU8::new(RANGE_UNKNOWN),
             probe: tokio::sync::Mutex::new(()),
             whole: WholeBlobs::new(std::env::temp_dir(), KEEP_AT_LEAST),
@@ -501,12 +511,14 @@ impl OrasRemote {
         }
     }
 
-    /// The layers of version `version`'s manifest after the version zip.
+    /// The layers of version `version`'s manifest after the version zip: its own state from
+    /// what `put_state` returned, older ones from the parent's manifest.
     async fn layers_for(
         &self,
         pod: &PodName,
         version: u64,
         states: &[u64],
+        new_state: Option<&StoredState>,
         parent: Option<u64>,
     ) -> RemoteResult<Vec<OciDescriptor>> {
         let parent_manifest = match parent {
@@ -519,7 +531,11 @@ impl OrasRemote {
         for &s in states {
             let title = object_name(pod, ObjectKind::State, s);
             let found = if s == version {
-                lock(&self.pending).get(&(pod.clone(), s)).cloned()
+                new_state
+                    .and_then(StoredState::blob_ref)
+                    .map(|(digest, size)| {
+                        descriptor(STATE_MEDIA_TYPE, digest.to_owned(), size, title.clone())
+                    })
             } else {
                 parent_manifest.as_ref().and_then(|m| {
                     m.layers
@@ -531,7 +547,7 @@ impl OrasRemote {
             let Some(layer) = found else {
                 return Err(self.registry.other(match parent {
                     _ if s == version => format!(
-                        "cannot commit version {version} of pod {pod:?}: its state object {s} was not uploaded first"
+                        "cannot commit version {version} of pod {pod:?}: its state object {s} was not uploaded to this registry first"
                     ),
                     Some(p) => format!(
                         "cannot commit version {version} of pod {pod:?}: state object {s} ({title}) is not a layer of parent version {p}"
@@ -731,7 +747,7 @@ impl Remote for OrasRemote {
         version: u64,
         file: &Path,
         progress: Arc<dyn Progress>,
-    ) -> RemoteResult<()> {
+    ) -> RemoteResult<StoredState> {
         let r = self
             .reference(pod, &version.to_string(), RegistryOperation::Push)
             .await?;
@@ -746,14 +762,9 @@ impl Remote for OrasRemote {
             .map_err(RemoteError::io(format!("hashing {}", file.display())))?;
         self.push_blob(&r, &digest, size, Blob::File(file, progress))
             .await?;
-        let layer = descriptor(
-            STATE_MEDIA_TYPE,
-            digest,
-            size,
-            object_name(pod, ObjectKind::State, version),
-        );
-        lock(&self.pending).insert((pod.clone(), version), layer);
-        Ok(())
+        // Until a manifest refers to it, the blob is garbage for the registry's collector:
+        // a commit that fails leaves nothing else behind.
+        Ok(StoredState::blob(pod, version, digest, size))
     }
 
     async fn commit_version(
@@ -762,8 +773,10 @@ impl Remote for OrasRemote {
         version: u64,
         version_zip: Bytes,
         states: &[u64],
+        new_state: Option<&StoredState>,
         parent: Option<u64>,
     ) -> RemoteResult<()> {
+        check_new_state(&self.name, pod, version, states, new_state)?;
         let r = self
             .reference(pod, &version.to_string(), RegistryOperation::Push)
             .await?;
@@ -784,7 +797,10 @@ impl Remote for OrasRemote {
             object_name(pod, ObjectKind::Version, version),
         );
         let mut layers = vec![version_layer.clone()];
-        layers.extend(self.layers_for(pod, version, states, parent).await?);
+        layers.extend(
+            self.layers_for(pod, version, states, new_state, parent)
+                .await?,
+        );
         let manifest = build_manifest(layers);
         let body = encode_manifest(&manifest).map_err(|why| {
             self.registry.other(format!(
@@ -827,7 +843,6 @@ impl Remote for OrasRemote {
                 )));
             }
         }
-        lock(&self.pending).remove(&(pod.clone(), version));
         lock(&self.manifests).insert((pod.clone(), version), Arc::new(manifest));
         Ok(())
     }
@@ -870,7 +885,6 @@ impl Remote for OrasRemote {
     /// the ones no manifest refers to.
     async fn delete_state(&self, pod: &PodName, state: u64) -> RemoteResult<()> {
         tracing::debug!(remote = %self.name, pod = %pod, state, "state blobs are left to registry garbage collection");
-        lock(&self.pending).remove(&(pod.clone(), state));
         Ok(())
     }
 
@@ -916,5 +930,32 @@ mod tests {
             "{dbg}"
         );
         assert!(!dbg.contains("hunter2"), "{dbg}");
+    }
+
+    /// A commit gets its new state's layer from the `put_state` result it is handed, and
+    /// refuses, before any request, to commit without it (nothing is kept between the calls).
+    #[tokio::test]
+    async fn a_commit_without_its_uploaded_state_is_refused_before_any_request() {
+        let url = OrasUrl {
+            registry: "127.0.0.1:9".into(), // discard: nothing answers
+            namespace: "ns".into(),
+            username: None,
+            password: None,
+            plain_http: true,
+        };
+        let remote = OrasRemote::new("r", &url).unwrap();
+        let pod = PodName::new("p").unwrap();
+        let zip = Bytes::from_static(b"version");
+        let err = remote
+            .commit_version(&pod, 1, zip.clone(), &[1], None, None)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("not uploaded first"), "{err}");
+        let stale = StoredState::blob(&pod, 1, "sha256:00".into(), 1);
+        let err = remote
+            .commit_version(&pod, 2, zip, &[2], Some(&stale), Some(1))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("its own state object"), "{err}");
     }
 }
