@@ -406,10 +406,11 @@ impl PodFs {
     /// Looks `name` up in directory `parent`: the child's attributes (its inode is `attr.ino`).
     pub async fn lookup(&self, parent: u64, name: &OsStr) -> FsResult<Attr> {
         let name = name.to_str().ok_or(FsError::NotFound)?;
-        let node = self.child(&self.node(parent)?, name).await?;
+        let parent = self.node(parent)?;
+        let node = self.child(&parent, name).await?;
         let ino = self.ino(node.clone());
         let mut attr = self.attr_of(ino, &node).await?;
-        if matches!(self.node(parent)?, Node::Pod(..)) {
+        if matches!(parent, Node::Pod(..)) {
             // The name below `POD/` leads to another version's inode once POD/ moves on.
             attr.ttl = attr.ttl.min(self.config.refresh);
         }
@@ -541,7 +542,8 @@ impl PodFs {
                 }
             }
             Node::Versions(r, pod) => {
-                for v in self.versions(r, &pod).await?.iter() {
+                let versions = self.versions(r, &pod).await?;
+                for v in versions.iter() {
                     let node = Node::Path {
                         remote: r,
                         pod: pod.clone(),
@@ -550,7 +552,7 @@ impl PodFs {
                     };
                     out.push(dir(self.ino(node), &v.to_string()));
                 }
-                if !self.versions(r, &pod).await?.is_empty() {
+                if !versions.is_empty() {
                     out.push(DirEntry {
                         ino: self.ino(Node::LatestLink(r, pod.clone())),
                         kind: FileKind::Symlink,
