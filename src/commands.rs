@@ -477,3 +477,173 @@ pub fn human_bytes(n: u64) -> String {
         format!("{v:.1} {}", UNITS[u])
     }
 }
+
+/// `podfs mount`: its arguments, validated by clap's typed parsers.
+#[derive(Debug, Clone, clap::Args)]
+pub struct MountArgs {
+    /// An empty directory to show the remotes in.
+    pub mountpoint: PathBuf,
+    /// Show only this remote (default: every configured remote).
+    #[arg(long)]
+    pub remote: Option<String>,
+    /// Stay attached to the terminal (default: return once mounted and serve in the background).
+    #[arg(long)]
+    pub foreground: bool,
+    /// List pods and versions again at most this often (e.g. 500ms, 10s, 5m).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub refresh: std::time::Duration,
+    /// Let other users see the mount (needs `user_allow_other` in /etc/fuse.conf unless root).
+    #[arg(long)]
+    pub allow_other: bool,
+}
+
+/// The remotes a mount shows: `--remote NAME`, or every configured one.
+fn mount_remote_names(ctx: &Context, args: &MountArgs) -> Result<Vec<String>> {
+    match &args.remote {
+        Some(name) => {
+            ctx.remotes.template(&ctx.volume, name)?;
+            Ok(vec![name.clone()])
+        }
+        None => Ok(ctx
+            .remotes
+            .list(&ctx.volume)
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect()),
+    }
+}
+
+/// `podfs mount --foreground`: mounts, serves until SIGINT/SIGTERM (`ctx.shutdown`) or until
+/// unmounted from outside, then returns.
+pub async fn mount(ctx: &Context, args: MountArgs) -> Result<()> {
+    let names = mount_remote_names(ctx, &args)?;
+    let point = crate::fs::mountpoint::prepare(&args.mountpoint)?;
+    let mut remotes = Vec::new();
+    for name in names {
+        match ctx.open_remote(&name).await {
+            Ok(r) => remotes.push((name, r)),
+            // One remote that cannot be opened must not hide the others.
+            Err(e) if args.remote.is_none() => {
+                eprintln!(
+                    "warning: left out remote {name}: {}",
+                    term::error_chain(e.as_ref())
+                );
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    // SAFETY: getuid and getgid cannot fail and touch no memory.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let config = crate::fs::FsConfig {
+        refresh: args.refresh,
+        uid,
+        gid,
+    };
+    let fs = Arc::new(crate::fs::PodFs::new(remotes, config));
+    let mount_config = crate::fs::fuse::MountConfig {
+        allow_other: args.allow_other,
+        ..Default::default()
+    };
+    let rt = tokio::runtime::Handle::current();
+    let at = point.clone();
+    let mounted =
+        tokio::task::spawn_blocking(move || crate::fs::fuse::mount(fs, rt, &at, &mount_config))
+            .await
+            .context("mount task")?
+            .with_context(|| format!("cannot mount on {}", point.display()))?;
+    tracing::info!("mounted on {}", point.display());
+    mounted.serve(ctx.shutdown.clone()).await?;
+    Ok(())
+}
+
+/// How long `podfs mount` waits for its background daemon to be mounted.
+const MOUNT_READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// `podfs mount` without `--foreground`: checks what it can, starts itself with `--foreground`
+/// detached (new session, output to a log file in the volume dir), and returns once the mount
+/// point is a podfs mount, or fails with the daemon's error if it exits first. Called before any
+/// runtime exists: nothing forks a multi-threaded process.
+pub fn mount_in_background(ctx: &Context, args: &MountArgs) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    mount_remote_names(ctx, args)?;
+    let point = crate::fs::mountpoint::prepare(&args.mountpoint)?;
+    let volume = fence::absolute(ctx.volume.root())
+        .with_context(|| format!("cannot resolve {}", ctx.volume.root().display()))?;
+    let logs = volume.join("logs");
+    std::fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
+    let log_path = logs.join(format!(
+        "mount-{}.log",
+        point
+            .to_string_lossy()
+            .trim_start_matches('/')
+            .replace('/', "_")
+    ));
+    let log = std::fs::File::create(&log_path)
+        .with_context(|| format!("cannot create {}", log_path.display()))?;
+    let exe = std::env::current_exe().context("cannot find the podfs executable")?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("mount")
+        .arg(&point)
+        .arg("--foreground")
+        .arg("--refresh")
+        .arg(humantime::format_duration(args.refresh).to_string());
+    if let Some(r) = &args.remote {
+        cmd.arg("--remote").arg(r);
+    }
+    if args.allow_other {
+        cmd.arg("--allow-other");
+    }
+    cmd.env("PODFS_HOME", &volume)
+        .current_dir("/")
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().context("log file")?)
+        .stderr(log);
+    // SAFETY: setsid is async-signal-safe and only detaches the child from our terminal and
+    // process group, between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("cannot start the mount daemon")?;
+    let started = std::time::Instant::now();
+    loop {
+        if crate::fs::mountpoint::podfs_mount_at(&point).is_some() {
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait().context("mount daemon")? {
+            let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let line = text
+                .lines()
+                .rev()
+                .find_map(|l| l.strip_prefix("error: "))
+                .map(str::to_owned)
+                .unwrap_or_else(|| {
+                    format!(
+                        "the mount daemon exited ({status}); see {}",
+                        log_path.display()
+                    )
+                });
+            bail!("{line}");
+        }
+        if started.elapsed() > MOUNT_READY_TIMEOUT {
+            // The daemon may still be waiting on a remote: it is left to finish or fail.
+            bail!(
+                "{} is not mounted after {}s: see {}",
+                point.display(),
+                MOUNT_READY_TIMEOUT.as_secs(),
+                log_path.display()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// `podfs unmount`: unmounts a podfs mount (lazily if its daemon is gone).
+pub fn unmount(point: &Path) -> Result<()> {
+    crate::fs::mountpoint::unmount(point)?;
+    Ok(())
+}

@@ -5,11 +5,13 @@
 //! - [`name`]: pod names and `POD[:N]` references.
 //! - [`remote`]: the pod-level [`remote::Remote`] trait and its backends.
 //! - [`pod`]: format v1, save, load, delete.
+//! - [`fs`]: the FUSE mount: a fuser-free async core, the fuser adapter, mount points.
 //! - [`commands`]: the CLI commands, on top of the above.
 //! - [`term`]: what reaches a terminal: escaped remote text, one-line error chains.
 
 pub mod commands;
 pub mod config;
+pub mod fs;
 pub mod name;
 pub mod pod;
 pub mod progress;

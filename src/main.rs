@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::error::ErrorKind;
 use clap::{Parser, Subcommand};
-use podfs::commands::{self, Context, LoadArgs, SaveArgs};
+use podfs::commands::{self, Context, LoadArgs, MountArgs, SaveArgs};
 use podfs::config::DEFAULT_REMOTE;
 use podfs::name::{NameError, PodName, PodRef};
 use podfs::term;
@@ -28,6 +28,8 @@ enum Command {
         #[command(subcommand)]
         command: RemoteCommand,
     },
+    /// Unmount a podfs mount (also one whose daemon died: the mount point reports ENOTCONN).
+    Unmount { mountpoint: std::path::PathBuf },
     #[command(flatten)]
     Pod(PodCommand),
 }
@@ -71,6 +73,9 @@ enum PodCommand {
         #[arg(default_value = DEFAULT_REMOTE)]
         remote: String,
     },
+    /// Mount the remotes read-only: MOUNTPOINT/REMOTE/POD/ is the latest version,
+    /// POD/.versions/N/ every version.
+    Mount(MountArgs),
 }
 
 fn parse_pod_name(s: &str) -> Result<PodName, NameError> {
@@ -216,6 +221,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 RemoteCommand::List { json } => commands::remote_list(&ctx, json),
             }?);
         }
+        Command::Unmount { mountpoint } => return Ok(commands::unmount(&mountpoint)?),
+        // The daemon is started before any runtime exists: never fork a multi-threaded process.
+        Command::Pod(PodCommand::Mount(args)) if !args.foreground => {
+            return Ok(commands::mount_in_background(&ctx, &args)?);
+        }
         Command::Pod(command) => command,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -223,9 +233,13 @@ fn run(cli: Cli) -> Result<(), Failure> {
         .build()
         .map_err(anyhow::Error::from)?;
     runtime.block_on(async {
-        // Save and load watch `shutdown` and clean up (temporary files, partial uploads) before
-        // they return; the other commands only read, or delete, and are simply dropped.
-        let cleans_up = matches!(command, PodCommand::Save { .. } | PodCommand::Load { .. });
+        // Save, load and mount watch `shutdown` and clean up (temporary files, partial uploads,
+        // the mount) before they return; the other commands only read, or delete, and are
+        // simply dropped.
+        let cleans_up = matches!(
+            command,
+            PodCommand::Save { .. } | PodCommand::Load { .. } | PodCommand::Mount(_)
+        );
         let work = dispatch(&ctx, command);
         tokio::pin!(work);
         let signals = watch_signals(shutdown.clone());
@@ -258,5 +272,6 @@ async fn dispatch(ctx: &Context, command: PodCommand) -> anyhow::Result<()> {
             commands::inspect(ctx, &pod, &remote, json).await
         }
         PodCommand::Delete { pod, remote } => commands::delete(ctx, &pod, &remote).await,
+        PodCommand::Mount(args) => commands::mount(ctx, args).await,
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod backend;
 pub mod moto;
+pub mod mount;
 pub mod range_proxy;
 pub mod registry;
 pub mod tree;

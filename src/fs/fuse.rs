@@ -1,0 +1,527 @@
+//! The thin `fuser` adapter: each kernel request is handed to [`PodFs`] on the tokio runtime and
+//! answered from the spawned task, so no FUSE thread ever waits on the network. Every failed
+//! operation logs one line with its errno ([`failed`]); every change answers `EROFS` for now.
+//!
+//! [`mount`] starts a session (mount options: `nosuid`, `nodev`, `default_permissions`, source
+//! and subtype `podfs`) on its own threads; [`Mounted::serve`] runs until the shutdown token is
+//! cancelled (then unmounts) or the file system is unmounted from outside (`umount`,
+//! `fusermount3 -u`, `podfs unmount`).
+
+use std::ffi::OsStr;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, LockOwner, MountOption, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
+    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, Session, SessionACL, SessionUnmounter, TimeOrNow, WriteFlags,
+};
+use tokio::runtime::Handle;
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::error::{FsError, MountError};
+use super::{Attr, FileKind, PodFs, mountpoint};
+
+/// How long an unmount on shutdown waits for the session to end before giving up on it.
+const STOP_WAIT: Duration = Duration::from_secs(5);
+
+/// Logs a failed operation (one line, with its errno) and returns the errno for the reply.
+fn failed(op: &str, ino: u64, e: &FsError) -> Errno {
+    let errno = e.errno();
+    let what = std::io::Error::from_raw_os_error(errno);
+    let chain = crate::term::error_chain(e);
+    if matches!(e, FsError::NotFound | FsError::NoXattr) {
+        // Shells and file managers probe for names all the time: not worth a warning.
+        tracing::debug!(op, ino, errno, "{op} failed: {what}: {chain}");
+    } else {
+        tracing::warn!(op, ino, errno, "{op} failed: {what}: {chain}");
+    }
+    Errno::from_i32(errno)
+}
+
+fn file_type(k: FileKind) -> FileType {
+    match k {
+        FileKind::File => FileType::RegularFile,
+        FileKind::Dir => FileType::Directory,
+        FileKind::Symlink => FileType::Symlink,
+    }
+}
+
+fn file_attr(a: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: a.size,
+        blocks: a.size.div_ceil(512),
+        atime: a.mtime,
+        mtime: a.mtime,
+        ctime: a.mtime,
+        crtime: a.mtime,
+        kind: file_type(a.kind),
+        perm: a.perm,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: 0,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
+/// The `fuser::Filesystem` of a mount: [`PodFs`] plus the runtime its work runs on.
+struct Adapter {
+    fs: Arc<PodFs>,
+    rt: Handle,
+}
+
+impl Adapter {
+    /// Runs `work` (which replies) on the runtime, in a span naming the operation.
+    fn spawn(
+        &self,
+        op: &'static str,
+        req: &Request,
+        ino: u64,
+        work: impl Future<Output = ()> + Send + 'static,
+    ) {
+        let span = tracing::debug_span!("fuse", op, req = u64::from(req.unique()), ino);
+        self.rt.spawn(work.instrument(span));
+    }
+}
+
+#[allow(clippy::too_many_arguments)] // the signatures are fuser's
+impl Filesystem for Adapter {
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let fs = Arc::clone(&self.fs);
+        let name = name.to_owned();
+        self.spawn("lookup", req, parent.0, async move {
+            match fs.lookup(parent.0, &name).await {
+                Ok(a) => reply.entry(&a.ttl, &file_attr(&a), Generation(0)),
+                Err(e) => reply.error(failed("lookup", parent.0, &e)),
+            }
+        });
+    }
+
+    fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let fs = Arc::clone(&self.fs);
+        self.spawn("getattr", req, ino.0, async move {
+            match fs.getattr(ino.0).await {
+                Ok(a) => reply.attr(&a.ttl, &file_attr(&a)),
+                Err(e) => reply.error(failed("getattr", ino.0, &e)),
+            }
+        });
+    }
+
+    fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
+        let fs = Arc::clone(&self.fs);
+        self.spawn("readlink", req, ino.0, async move {
+            match fs.readlink(ino.0).await {
+                Ok(target) => reply.data(target.as_bytes()),
+                Err(e) => reply.error(failed("readlink", ino.0, &e)),
+            }
+        });
+    }
+
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let fs = Arc::clone(&self.fs);
+        let write = flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
+        self.spawn("open", req, ino.0, async move {
+            match fs.open(ino.0, write).await {
+                // An inode is one path of one version: its bytes never change.
+                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+                Err(e) => reply.error(failed("open", ino.0, &e)),
+            }
+        });
+    }
+
+    fn read(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let fs = Arc::clone(&self.fs);
+        self.spawn("read", req, ino.0, async move {
+            match fs.read(fh.0, offset, size).await {
+                Ok(bytes) => reply.data(&bytes),
+                Err(e) => reply.error(failed("read", ino.0, &e)),
+            }
+        });
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        // Nothing is ever written: there is nothing to sync.
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.fs.release(fh.0);
+        reply.ok();
+    }
+
+    fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let fs = Arc::clone(&self.fs);
+        self.spawn("opendir", req, ino.0, async move {
+            match fs.opendir(ino.0).await {
+                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                Err(e) => reply.error(failed("opendir", ino.0, &e)),
+            }
+        });
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        // From the listing taken at opendir: memory only, answered here.
+        match self.fs.readdir(fh.0, offset) {
+            Ok(entries) => {
+                for (next, e) in entries {
+                    if reply.add(INodeNo(e.ino), next, file_type(e.kind), &e.name) {
+                        break;
+                    }
+                }
+                reply.ok();
+            }
+            Err(e) => reply.error(failed("readdir", ino.0, &e)),
+        }
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.fs.releasedir(fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        reply.statfs(0, 0, 0, 0, 0, 4096, 255, 4096);
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, _name: &OsStr, _size: u32, reply: ReplyXattr) {
+        // Pods store no extended attributes.
+        reply.error(failed("getxattr", ino.0, &FsError::NoXattr));
+    }
+
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: ReplyXattr) {
+        if size == 0 {
+            reply.size(0);
+        } else {
+            reply.data(&[]);
+        }
+    }
+
+    // Every change: read-only for now.
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        _size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        _mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        reply.error(read_only("setattr", ino));
+    }
+
+    fn mknod(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        reply.error(read_only("mknod", parent));
+    }
+
+    fn mkdir(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        reply.error(read_only("mkdir", parent));
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(read_only("unlink", parent));
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(read_only("rmdir", parent));
+    }
+
+    fn symlink(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        _name: &OsStr,
+        _target: &Path,
+        reply: ReplyEntry,
+    ) {
+        reply.error(read_only("symlink", parent));
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        _name: &OsStr,
+        _newparent: INodeNo,
+        _newname: &OsStr,
+        _flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(read_only("rename", parent));
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _newparent: INodeNo,
+        _newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        reply.error(read_only("link", ino));
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _offset: u64,
+        _data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        reply.error(read_only("write", ino));
+    }
+
+    fn create(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        reply.error(read_only("create", parent));
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _name: &OsStr,
+        _value: &[u8],
+        _flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(read_only("setxattr", ino));
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(read_only("removexattr", ino));
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _offset: u64,
+        _length: u64,
+        _mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(read_only("fallocate", ino));
+    }
+}
+
+fn read_only(op: &'static str, ino: INodeNo) -> Errno {
+    failed(op, ino.0, &FsError::ReadOnly(op))
+}
+
+/// Settings of the FUSE session.
+#[derive(Debug, Clone)]
+pub struct MountConfig {
+    /// Let other users in (`allow_other`).
+    pub allow_other: bool,
+    /// Threads reading requests from the kernel (each with its own `/dev/fuse` clone when more
+    /// than one). They only dispatch: the work runs on the tokio runtime.
+    pub threads: usize,
+}
+
+impl Default for MountConfig {
+    /// Only the mounting user; two request threads.
+    fn default() -> Self {
+        Self {
+            allow_other: false,
+            threads: 2,
+        }
+    }
+}
+
+/// A live mount: its session runs on its own threads until unmounted.
+pub struct Mounted {
+    point: PathBuf,
+    unmounter: SessionUnmounter,
+    done: oneshot::Receiver<std::io::Result<()>>,
+}
+
+/// Mounts `fs` at `point` (from [`mountpoint::prepare`]). Blocking: it waits for the kernel's
+/// first request; call it from `spawn_blocking`. `rt` runs the operations.
+pub fn mount(
+    fs: Arc<PodFs>,
+    rt: Handle,
+    point: &Path,
+    config: &MountConfig,
+) -> Result<Mounted, MountError> {
+    let mut cfg = fuser::Config::default();
+    cfg.mount_options = vec![
+        MountOption::FSName("podfs".into()),
+        MountOption::Subtype("podfs".into()),
+        MountOption::DefaultPermissions,
+        MountOption::NoSuid,
+        MountOption::NoDev,
+    ];
+    cfg.acl = if config.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    cfg.n_threads = Some(config.threads.max(1));
+    cfg.clone_fd = config.threads > 1;
+    let mut session =
+        Session::new(Adapter { fs, rt }, point, &cfg).map_err(MountError::io(point))?;
+    let unmounter = session.unmount_callable();
+    let (tx, done) = oneshot::channel();
+    std::thread::Builder::new()
+        .name("podfs-session".into())
+        .spawn(move || {
+            // The receiver is gone only when nobody waits for the end any more.
+            let _ = tx.send(session.run());
+        })
+        .map_err(MountError::io(point))?;
+    Ok(Mounted {
+        point: point.to_owned(),
+        unmounter,
+        done,
+    })
+}
+
+impl Mounted {
+    /// Serves until `shutdown` is cancelled (then unmounts: lazily if files are still open) or
+    /// until the mount is unmounted from outside.
+    pub async fn serve(mut self, shutdown: CancellationToken) -> Result<(), MountError> {
+        let point = self.point.clone();
+        let ended = |r: Result<std::io::Result<()>, oneshot::error::RecvError>| match r {
+            Ok(Ok(())) | Err(_) => Ok(()),
+            Ok(Err(e)) => Err(MountError::io(&point)(e)),
+        };
+        tokio::select! {
+            r = &mut self.done => return ended(r),
+            () = shutdown.cancelled() => {}
+        }
+        let mut unmounter = self.unmounter;
+        let p = self.point.clone();
+        let unmounted = tokio::task::spawn_blocking(move || match unmounter.unmount() {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                tracing::warn!("{}: {e}; detaching it instead", p.display());
+                mountpoint::detach(&p)
+            }
+        })
+        .await
+        .map_err(|e| MountError::io(&self.point)(std::io::Error::other(e)))?;
+        unmounted?;
+        match tokio::time::timeout(STOP_WAIT, self.done).await {
+            Ok(r) => ended(r),
+            Err(_) => {
+                tracing::warn!(
+                    "{}: detached; files still open there fail from now on",
+                    self.point.display()
+                );
+                Ok(())
+            }
+        }
+    }
+}

@@ -1,0 +1,423 @@
+//! The read-only FUSE mount, on real mounts (`/dev/fuse`): scenarios written once and run on
+//! every backend (`on_every_backend!`, as in `backends.rs`), then the daemon's life on the
+//! built-in remote alone: SIGKILL leaves ENOTCONN until `podfs unmount`, SIGTERM unmounts, the
+//! background mode, and the mount point errors.
+
+mod support;
+
+use std::io::{Read, Seek};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use support::backend::Backend;
+use support::mount::{Mounted, is_mounted, wait_until};
+use support::{MIB, Podfs, assert_same_tree, copy_tree, make_tree, noise};
+
+/// One `#[test]` per backend for each scenario: `SCENARIO::default_remote`, `::file_remote`,
+/// `::s3_on_moto`, `::oras_on_registry`.
+macro_rules! on_every_backend {
+    ($($scenario:ident),+ $(,)?) => {$(
+        mod $scenario {
+            use super::support::backend::Backend;
+            #[test]
+            fn default_remote() {
+                super::$scenario(&Backend::default_remote(stringify!($scenario)));
+            }
+            #[test]
+            fn file_remote() {
+                super::$scenario(&Backend::file(stringify!($scenario)));
+            }
+            #[test]
+            fn s3_on_moto() {
+                super::$scenario(&Backend::moto(stringify!($scenario)));
+            }
+            #[test]
+            fn oras_on_registry() {
+                super::$scenario(&Backend::registry(stringify!($scenario)));
+            }
+        }
+    )+};
+}
+
+on_every_backend!(
+    every_version_reads_back_exactly,
+    versions_dir_is_hidden_but_resolves,
+    writes_fail_with_erofs,
+    parallel_readers_get_their_bytes,
+);
+
+/// `diff -r` without following symlinks (the test tree has a dangling one): must be identical.
+fn assert_diff_clean(expected: &Path, actual: &Path) {
+    let out = Command::new("diff")
+        .args(["-r", "--no-dereference"])
+        .arg(expected)
+        .arg(actual)
+        .output()
+        .expect("run diff");
+    assert!(
+        out.status.success(),
+        "diff -r {} {}:\n{}{}",
+        expected.display(),
+        actual.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Saves the test tree (with a stored 2 MiB file), changes it, saves again; returns the work dir
+/// with `v1/` (the first tree) and `src/` (the second).
+fn two_versions(b: &Backend, pod: &str) -> tempfile::TempDir {
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    make_tree(&src, 2 * MIB);
+    b.save(pod, &src, &[]);
+    copy_tree(&src, &work.path().join("v1"));
+    std::fs::write(src.join("hello.txt"), "second\n").unwrap();
+    std::fs::remove_file(src.join("secret")).unwrap();
+    std::fs::write(src.join("dir/new.txt"), "new in v2").unwrap();
+    std::fs::remove_file(src.join("link-to-file")).unwrap();
+    std::os::unix::fs::symlink("script.sh", src.join("link-to-file")).unwrap();
+    b.save(pod, &src, &[]);
+    work
+}
+
+/// `REMOTE/POD/` is the latest tree and `.versions/N/` each saved tree: `diff -r` finds no
+/// difference, and every path has the saved kind, mode, mtime (ns), size, bytes and target.
+fn every_version_reads_back_exactly(b: &Backend) {
+    let pod = b.pod();
+    let work = two_versions(b, &pod);
+    let (v1, v2) = (work.path().join("v1"), work.path().join("src"));
+    let m = Mounted::new(&b.podfs, &["--remote", b.remote()]);
+    let root = m.pod(b.remote(), &pod);
+    let names: Vec<_> = std::fs::read_dir(&m.point)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(names, [b.remote()], "--remote shows that remote only");
+    for (expected, actual) in [
+        (&v2, root.clone()),
+        (&v1, root.join(".versions/1")),
+        (&v2, root.join(".versions/2")),
+    ] {
+        assert_diff_clean(expected, &actual);
+        assert_same_tree(expected, &actual);
+    }
+    let md = std::fs::symlink_metadata(root.join("dir/dangling")).unwrap();
+    assert_eq!(
+        md.len(),
+        "../../nowhere".len() as u64,
+        "a symlink's size is its target's"
+    );
+    let dir = std::fs::metadata(root.join("dir")).unwrap();
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::nlink(&dir),
+        3,
+        "dir/ holds one directory"
+    );
+    let uid = std::os::unix::fs::MetadataExt::uid(&dir);
+    // SAFETY: getuid cannot fail.
+    assert_eq!(uid, unsafe { libc::getuid() }, "owned by the mounting user");
+}
+
+/// `.versions` is left out of `ls -a POD`, yet `POD/.versions/1` lists and `.versions/latest`
+/// points at the newest version.
+fn versions_dir_is_hidden_but_resolves(b: &Backend) {
+    let pod = b.pod();
+    let _work = two_versions(b, &pod);
+    let m = Mounted::new(&b.podfs, &[]);
+    let root = m.pod(b.remote(), &pod);
+    let ls = |args: &[&str], dir: &Path| {
+        let out = Command::new("ls").args(args).arg(dir).output().unwrap();
+        assert!(out.status.success(), "ls {}: {out:?}", dir.display());
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let listed = ls(&["-a"], &root);
+    assert!(!listed.contains(".versions"), "{listed}");
+    assert!(listed.contains("hello.txt"), "{listed}");
+    let v1 = ls(&[], &root.join(".versions/1"));
+    assert!(v1.contains("secret"), "version 1 still has it: {v1}");
+    assert!(!ls(&[], &root).contains("secret"));
+    let versions = ls(&[], &root.join(".versions"));
+    assert_eq!(
+        versions.split_whitespace().collect::<Vec<_>>(),
+        ["1", "2", "latest"]
+    );
+    assert_eq!(
+        std::fs::read_link(root.join(".versions/latest")).unwrap(),
+        Path::new("2")
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join(".versions/latest/hello.txt")).unwrap(),
+        "second\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join(".versions/1/hello.txt")).unwrap(),
+        "hello, pods\n"
+    );
+    for missing in [".versions/3", ".versions/01", "nope"] {
+        let e = std::fs::metadata(root.join(missing)).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOENT), "{missing}");
+    }
+}
+
+/// Every change answers EROFS: create, touch, write, mkdir, rm, rename, chmod, in the latest tree
+/// and in a version.
+fn writes_fail_with_erofs(b: &Backend) {
+    let pod = b.pod();
+    let work = tempfile::tempdir().unwrap();
+    make_tree(work.path(), 0);
+    b.save(&pod, work.path(), &[]);
+    let m = Mounted::new(&b.podfs, &[]);
+    let root = m.pod(b.remote(), &pod);
+    for dir in [root.clone(), root.join(".versions/1")] {
+        let erofs = |what: &str, r: std::io::Result<()>| {
+            let e = r.expect_err(what);
+            assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{what}: {e}");
+        };
+        erofs("create", std::fs::File::create(dir.join("new")).map(drop));
+        erofs(
+            "open for writing",
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(dir.join("hello.txt"))
+                .map(drop),
+        );
+        erofs("mkdir", std::fs::create_dir(dir.join("newdir")));
+        erofs("rm", std::fs::remove_file(dir.join("hello.txt")));
+        erofs("rmdir", std::fs::remove_dir(dir.join("empty-dir")));
+        erofs(
+            "rename",
+            std::fs::rename(dir.join("hello.txt"), dir.join("x")),
+        );
+        erofs(
+            "chmod",
+            std::fs::set_permissions(
+                dir.join("hello.txt"),
+                std::os::unix::fs::PermissionsExt::from_mode(0o600),
+            ),
+        );
+        erofs("symlink", std::os::unix::fs::symlink("x", dir.join("l")));
+        for (cmd, arg) in [
+            ("touch", "hello.txt"),
+            ("touch", "brand-new"),
+            ("mkdir", "d"),
+        ] {
+            let out = Command::new(cmd).arg(dir.join(arg)).output().unwrap();
+            assert!(!out.status.success(), "{cmd} {arg} succeeded");
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(err.contains("Read-only file system"), "{cmd} {arg}: {err}");
+        }
+    }
+    assert_eq!(
+        std::fs::read_to_string(root.join("hello.txt")).unwrap(),
+        "hello, pods\n"
+    );
+    let log = m.log_text();
+    assert!(
+        log.contains("errno=30"),
+        "each failure logs its errno: {log}"
+    );
+}
+
+/// Eight threads read eight files (deflated and stored, empty to a few MiB) at once: each gets
+/// exactly its bytes.
+fn parallel_readers_get_their_bytes(b: &Backend) {
+    let pod = b.pod();
+    let work = tempfile::tempdir().unwrap();
+    let sizes = [
+        0,
+        1,
+        4096,
+        130_000,
+        700_000,
+        MIB + 1,
+        2 * MIB + 12_345,
+        3 * MIB,
+    ];
+    for (i, size) in sizes.iter().enumerate() {
+        std::fs::write(
+            work.path().join(format!("f{i}")),
+            noise(*size, i as u64 + 7),
+        )
+        .unwrap();
+    }
+    b.save(&pod, work.path(), &[]);
+    let m = Mounted::new(&b.podfs, &[]);
+    let root = m.pod(b.remote(), &pod);
+    std::thread::scope(|s| {
+        for (i, size) in sizes.iter().enumerate() {
+            let path = root.join(format!("f{i}"));
+            s.spawn(move || {
+                let got = std::fs::read(&path).unwrap();
+                let want = noise(*size, i as u64 + 7);
+                assert_eq!(got.len(), want.len(), "f{i}: size");
+                assert_eq!(crc32fast::hash(&got), crc32fast::hash(&want), "f{i}: bytes");
+            });
+        }
+    });
+}
+
+// --- The daemon, on the built-in remote only. ---
+
+/// A podfs installation with one pod `p` on the built-in remote; returns the tree's dir.
+fn one_pod(podfs: &Podfs) -> tempfile::TempDir {
+    let work = tempfile::tempdir().unwrap();
+    make_tree(work.path(), 0);
+    podfs.ok(&["save", "p", "--from", work.path().to_str().unwrap()]);
+    work
+}
+
+/// SIGKILL of the daemon leaves ENOTCONN (never an empty directory); `podfs unmount` clears it,
+/// and a new mount on the same point works.
+#[test]
+fn a_killed_daemon_leaves_enotconn_until_unmounted() {
+    let podfs = Podfs::new();
+    let _work = one_pod(&podfs);
+    let mut m = Mounted::new(&podfs, &[]);
+    assert!(m.pod("default", "p").join("hello.txt").exists());
+    m.child.kill().unwrap();
+    m.child.wait().unwrap();
+    let e = std::fs::read_dir(&m.point).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENOTCONN), "{e}");
+    assert!(
+        is_mounted(&m.point),
+        "still mounted: the kernel answers ENOTCONN"
+    );
+    let point = m.point.to_str().unwrap().to_owned();
+    podfs.ok(&["unmount", &point]);
+    assert!(!is_mounted(&m.point));
+    assert_eq!(std::fs::read_dir(&m.point).unwrap().count(), 0);
+
+    // A new mount on a dead mount clears it by itself.
+    let mut again = podfs
+        .command()
+        .args(["mount", &point, "--foreground"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("mounted again", Duration::from_secs(60), || {
+        is_mounted(&m.point)
+    });
+    again.kill().unwrap();
+    again.wait().unwrap();
+    let e = std::fs::read_dir(&m.point).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENOTCONN), "dead again: {e}");
+    podfs.ok(&["mount", &point]);
+    assert_eq!(
+        std::fs::read_to_string(m.pod("default", "p").join("hello.txt")).unwrap(),
+        "hello, pods\n"
+    );
+    podfs.ok(&["unmount", &point]);
+    wait_until("unmounted", Duration::from_secs(30), || {
+        !is_mounted(&m.point)
+    });
+}
+
+/// SIGTERM unmounts and the daemon exits successfully; so does `umount` from outside.
+#[test]
+fn sigterm_and_umount_end_the_daemon_cleanly() {
+    let podfs = Podfs::new();
+    let _work = one_pod(&podfs);
+    let mut m = Mounted::new(&podfs, &[]);
+    // SAFETY: kill only sends a signal to our own child.
+    assert_eq!(unsafe { libc::kill(m.child.id() as i32, libc::SIGTERM) }, 0);
+    let status = m.child.wait().unwrap();
+    assert!(status.success(), "{status}: {}", m.log_text());
+    assert!(!is_mounted(&m.point));
+
+    let mut m = Mounted::new(&podfs, &[]);
+    let st = Command::new("umount").arg(&m.point).status().unwrap();
+    assert!(st.success());
+    let status = m.child.wait().unwrap();
+    assert!(status.success(), "{status}: {}", m.log_text());
+
+    let mut m = Mounted::new(&podfs, &[]);
+    let st = Command::new("fusermount3")
+        .arg("-u")
+        .arg(&m.point)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let status = m.child.wait().unwrap();
+    assert!(status.success(), "{status}: {}", m.log_text());
+}
+
+/// `podfs mount X && ls X` works: the command returns once mounted, the daemon keeps serving.
+#[test]
+fn mount_returns_once_ready_and_serves_in_the_background() {
+    let podfs = Podfs::new();
+    let _work = one_pod(&podfs);
+    let dir = tempfile::tempdir().unwrap();
+    let point = dir.path().canonicalize().unwrap();
+    let p = point.to_str().unwrap();
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "'{}' mount '{p}' && ls '{p}' '{p}/default' && cat '{p}/default/p/hello.txt'",
+            env!("CARGO_BIN_EXE_podfs")
+        ))
+        .env("PODFS_HOME", podfs.home.path())
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout).into_owned();
+    podfs.ok(&["unmount", p]);
+    assert!(
+        out.status.success(),
+        "{shown}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        shown.contains("default") && shown.contains("hello, pods"),
+        "{shown}"
+    );
+    wait_until("unmounted", Duration::from_secs(30), || !is_mounted(&point));
+}
+
+/// A handle keeps reading the version it opened when `POD/` moves to a newer one.
+#[test]
+fn an_open_file_keeps_its_version() {
+    let podfs = Podfs::new();
+    let work = one_pod(&podfs);
+    let m = Mounted::new(&podfs, &["--refresh", "50ms"]);
+    let hello = m.pod("default", "p").join("hello.txt");
+    let mut old = std::fs::File::open(&hello).unwrap();
+    std::fs::write(work.path().join("hello.txt"), "a longer second version\n").unwrap();
+    podfs.ok(&["save", "p", "--from", work.path().to_str().unwrap()]);
+    wait_until("POD/ shows version 2", Duration::from_secs(30), || {
+        std::fs::read_to_string(&hello).unwrap() == "a longer second version\n"
+    });
+    let mut text = String::new();
+    old.seek(std::io::SeekFrom::Start(0)).unwrap();
+    old.read_to_string(&mut text).unwrap();
+    assert_eq!(text, "hello, pods\n");
+}
+
+/// Each bad mount point gets one line saying what is wrong and what to do.
+#[test]
+fn bad_mount_points_are_refused_clearly() {
+    let podfs = Podfs::new();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().canonicalize().unwrap();
+    let missing = d.join("missing");
+    podfs.fails(
+        &["mount", missing.to_str().unwrap()],
+        "does not exist: create it first",
+    );
+    let file = d.join("file");
+    std::fs::write(&file, "x").unwrap();
+    podfs.fails(&["mount", file.to_str().unwrap()], "is not a directory");
+    podfs.fails(&["mount", d.to_str().unwrap()], "is not empty");
+    let empty = d.join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let e = empty.to_str().unwrap();
+    podfs.fails(
+        &["mount", e, "--remote", "nope"],
+        "remote \"nope\" does not exist",
+    );
+    podfs.fails(&["unmount", e], "is not a podfs mount");
+    let m = Mounted::new(&podfs, &[]);
+    let p = m.point.to_str().unwrap();
+    podfs.fails(&["mount", p], "is already a podfs mount: `podfs unmount");
+    podfs.fails(&["mount", p, "--foreground"], "is already a podfs mount");
+}
