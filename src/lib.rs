@@ -5,9 +5,11 @@
 //! - [`name`]: pod names and `POD[:N]` references.
 //! - [`remote`]: the pod-level [`remote::Remote`] trait and its backends.
 //! - [`pod`]: format v1, save, load, delete.
+//! - [`cache`]: the mount's block cache (memory LRU + shared disk directory), verified blocks.
 //! - [`commands`]: the CLI commands, on top of the above.
 //! - [`term`]: what reaches a terminal: escaped remote text, one-line error chains.
 
+pub mod cache;
 pub mod commands;
 pub mod config;
 pub mod name;
