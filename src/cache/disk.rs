@@ -101,6 +101,11 @@ fn parse(file: Bytes, enc: &[u8], want_len: u64) -> Result<Bytes, &'static str> 
     Ok(data)
 }
 
+fn warn_io(what: &str, key: Option<&BlockKey>, path: &Path, e: &io::Error) {
+    let path = path.display();
+    tracing::warn!(?key, %path, error = %e, "cannot {what} a cached block");
+}
+
 fn is_hex(s: &str, len: usize) -> bool {
     s.len() == len && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
@@ -146,7 +151,12 @@ impl DiskTier {
             scanning: AtomicBool::new(false),
             disabled: AtomicBool::new(false),
         };
-        tier.rescan(counters);
+        // Learn the size even if another mount holds the scan lock; evict if over.
+        let size = tier.scan().iter().map(|b| b.1).sum();
+        tier.size.store(size, Relaxed);
+        if size > max_bytes {
+            tier.rescan(counters);
+        }
         Ok(tier)
     }
 
@@ -179,7 +189,7 @@ impl DiskTier {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
             Err(e) => {
-                tracing::warn!(?key, path = %path.display(), error = %e, "cannot read a cached block");
+                warn_io("read", Some(key), &path, &e);
                 return None;
             }
         };
@@ -191,7 +201,7 @@ impl DiskTier {
             .map_err(io::Error::other)
             .and_then(|()| (&mut file).take(want + 1).read_to_end(&mut buf));
         if let Err(e) = read {
-            tracing::warn!(?key, path = %path.display(), error = %e, "cannot read a cached block");
+            warn_io("read", Some(key), &path, &e);
             return None;
         }
         match parse(Bytes::from(buf), &enc, key.len) {
@@ -202,7 +212,8 @@ impl DiskTier {
                 Some(data)
             }
             Err(why) => {
-                tracing::warn!(?key, path = %path.display(), why, "dropping a damaged cached block");
+                let path = path.display();
+                tracing::warn!(?key, %path, why, "dropping a damaged cached block");
                 counters.disk_damaged.fetch_add(1, Relaxed);
                 self.remove(key);
                 None
@@ -222,9 +233,7 @@ impl DiskTier {
                     .fetch_update(Relaxed, Relaxed, |s| Some(s.saturating_sub(len)));
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => {
-                tracing::warn!(?key, path = %path.display(), error = %e, "cannot remove a cached block")
-            }
+            Err(e) => warn_io("remove", Some(key), &path, &e),
         }
     }
 
@@ -313,9 +322,7 @@ impl DiskTier {
                     }
                     // Another mount evicted it first.
                     Err(e) if e.kind() == io::ErrorKind::NotFound => total -= len,
-                    Err(e) => {
-                        tracing::warn!(path = %path.display(), error = %e, "cannot evict a cached block")
-                    }
+                    Err(e) => warn_io("evict", None, &path, &e),
                 }
             }
         }

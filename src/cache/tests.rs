@@ -160,6 +160,13 @@ async fn the_disk_bound_evicts_the_least_recently_used() {
     let s = cache.stats();
     assert_eq!(s.disk_evictions, 2);
     assert_eq!(s.disk_bytes, 3 * file_len);
+    // A mount started with a smaller bound evicts at once, keeping the most recent (mtimes
+    // are coarse: make the order plain).
+    let t = FileTime::from_system_time(now - Duration::from_secs(10));
+    filetime::set_file_mtime(disk.block_path(&keys[0]), t).unwrap();
+    let small = disk_only(dir.path(), 2 * file_len);
+    assert_eq!(small.stats().disk_bytes, file_len);
+    assert!(disk.block_path(&keys[4]).exists());
 }
 
 #[tokio::test]
