@@ -5,10 +5,12 @@
 //! - [`name`]: pod names and `POD[:N]` references.
 //! - [`remote`]: the pod-level [`remote::Remote`] trait and its backends.
 //! - [`pod`]: format v1, save, load, delete.
+//! - [`cache`]: the mount's block cache (memory LRU + shared disk directory), verified blocks.
 //! - [`fs`]: the FUSE mount: a fuser-free async core, the fuser adapter, mount points.
 //! - [`commands`]: the CLI commands, on top of the above.
 //! - [`term`]: what reaches a terminal: escaped remote text, one-line error chains.
 
+pub mod cache;
 pub mod commands;
 pub mod config;
 pub mod fs;
