@@ -178,12 +178,12 @@ pub async fn copy_file<W: AsyncWrite + Unpin + Send>(
     out: &mut W,
     budget: &ReadBudget,
 ) -> PodResult<u64> {
-    let Some(DataRef {
+    let Some(&DataRef {
         state,
         offset,
         csize,
         ..
-    }) = entry.data
+    }) = entry.data.as_ref()
     else {
         return Err(corrupt(pod, via, entry, "a file without data".into()));
     };
@@ -211,7 +211,7 @@ pub async fn read_range(
     entry: &Entry,
     range: Range<u64>,
 ) -> PodResult<Bytes> {
-    let Some(data) = entry.data else {
+    let Some(data) = &entry.data else {
         return Err(corrupt(pod, via, entry, "a file without data".into()));
     };
     let end = range.end.min(entry.size);
@@ -282,7 +282,7 @@ pub async fn decode_into<W: AsyncWrite + Unpin + Send>(
     out: &mut W,
 ) -> PodResult<u64> {
     let corrupt = |reason: String| corrupt(pod, via, entry, reason);
-    let Some(data) = entry.data else {
+    let Some(data) = &entry.data else {
         return Err(corrupt("a file without data".into()));
     };
     let mut chunks = std::pin::pin!(chunks);
@@ -388,8 +388,8 @@ mod tests {
         let (remote, pod, obj, big, small) = pod_with_files().await;
         let big_e = obj.manifest.get("big").unwrap();
         let small_e = obj.manifest.get("small").unwrap();
-        assert_eq!(big_e.data.unwrap().method, Method::Stored);
-        assert_eq!(small_e.data.unwrap().method, Method::Deflate);
+        assert_eq!(big_e.data.as_ref().unwrap().method, Method::Stored);
+        assert_eq!(small_e.data.as_ref().unwrap().method, Method::Deflate);
         for range in [0..10, 1_000_000..1_048_576, 3_145_000..3_145_728, 5..5] {
             let got = read_range(&remote, &pod, 1, big_e, range.clone())
                 .await
