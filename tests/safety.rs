@@ -29,6 +29,7 @@ fn file_entry(path: &str, data: &[u8], offset: u64) -> Entry {
             csize: data.len() as u64,
             method: Method::Stored,
             crc32: crc32fast::hash(data),
+            blocks: None,
         }),
     }
 }

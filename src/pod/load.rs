@@ -496,9 +496,9 @@ enum Job<'a> {
 /// tree of many small files costs a few range requests, not one each.
 fn jobs<'a>(touched: &[&'a Entry]) -> Vec<Job<'a>> {
     let mut jobs = Vec::new();
-    let mut small: Vec<(&'a Entry, DataRef)> = Vec::new();
+    let mut small: Vec<(&'a Entry, &'a DataRef)> = Vec::new();
     for &e in touched {
-        match (e.kind, e.data) {
+        match (e.kind, &e.data) {
             (Kind::Symlink, _) => jobs.push(Job::Symlink(e)),
             (Kind::File, Some(d)) if d.csize <= SMALL_CSIZE && e.size <= SMALL_SIZE => {
                 small.push((e, d))
@@ -571,7 +571,7 @@ impl WriteCtx<'_> {
                     e => e.into(),
                 })?;
                 for e in entries {
-                    let Some(d) = e.data else { continue };
+                    let Some(d) = &e.data else { continue };
                     let part = chunk.part(d.offset - range.start, d.csize);
                     let mut bytes = Vec::with_capacity(usize::try_from(e.size).unwrap_or(0));
                     let one = futures::stream::once(std::future::ready(Ok(part)));

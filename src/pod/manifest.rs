@@ -40,6 +40,14 @@ pub mod limits {
     /// The whole version object (about 45 bytes per entry deflated, measured): the object is held
     /// in memory while it is decoded. Backends refuse a larger object before reading it.
     pub use crate::remote::MAX_VERSION_OBJECT as VERSION_OBJECT;
+    /// Block checksums in one manifest, all files together (4 bytes of memory each). A checksum
+    /// carries 32 bits of entropy, so it deflates to no less than 4 bytes (5.5 measured): a
+    /// version object within [`VERSION_OBJECT`] never holds more than this many honestly, and a
+    /// hostile one (`0,0,0,…` deflates 1000:1) costs at most 512 MiB.
+    pub const BLOCK_CHECKSUMS: usize = 1 << 27;
+    /// Smallest and largest block size of a file's block checksums.
+    pub const MIN_BLOCK: u64 = 64 << 10;
+    pub const MAX_BLOCK: u64 = 64 << 20;
 }
 
 /// `version.json`: what a version is.
@@ -251,7 +259,7 @@ impl DataRef {
 }
 
 /// Where a file's bytes live: a range of a state object.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DataRef {
     /// The state object: `localstack-pod-P-state-{state}.zip`.
     pub state: u64,
@@ -262,6 +270,22 @@ pub struct DataRef {
     pub method: Method,
     /// CRC-32 of the uncompressed bytes.
     pub crc32: u32,
+    /// CRC-32C of each block of the uncompressed bytes, so one block can be checked on its own.
+    /// Written for files larger than one block; absent in pods saved before it existed. Boxed:
+    /// most entries have none, and an entry stays small.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blocks: Option<Box<Blocks>>,
+}
+
+/// Per-block checksums of a file (docs/FORMAT.md, *Block checksums*).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Blocks {
+    /// Block size in bytes: a power of two, [`limits::MIN_BLOCK`] to [`limits::MAX_BLOCK`].
+    pub size: u64,
+    /// CRC-32C (Castagnoli) of block `i`, bytes `i * size ..` of the file, for every block:
+    /// `ceil(file size / size)` values, the last block possibly short.
+    #[serde(deserialize_with = "bounded_checksums")]
+    pub crc32c: Vec<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -426,6 +450,10 @@ impl VersionObject {
                             e.path
                         )));
                     }
+                    if let Some(b) = &d.blocks {
+                        check_blocks(b, e.size)
+                            .map_err(|why| corrupt(format!("{:?}: {why}", e.path)))?;
+                    }
                 }
                 _ => {
                     return Err(corrupt(format!(
@@ -442,6 +470,28 @@ impl VersionObject {
         }
         Ok(())
     }
+}
+
+/// What a file's block checksums must be: a sane power-of-two block size and one checksum per
+/// block of a file of `size` bytes.
+fn check_blocks(b: &Blocks, size: u64) -> Result<(), String> {
+    if !b.size.is_power_of_two() || !(limits::MIN_BLOCK..=limits::MAX_BLOCK).contains(&b.size) {
+        return Err(format!(
+            "block size {} is not a power of two from {} to {}",
+            b.size,
+            limits::MIN_BLOCK,
+            limits::MAX_BLOCK
+        ));
+    }
+    let want = size.div_ceil(b.size);
+    if b.crc32c.len() as u64 != want {
+        return Err(format!(
+            "{} block checksums for {want} blocks of {} bytes",
+            b.crc32c.len(),
+            b.size
+        ));
+    }
+    Ok(())
 }
 
 /// Reads only `version.json` from a version zip (cheaper than a full decode for listings), with
@@ -681,19 +731,68 @@ fn bounded_entries<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Entry>,
             mut seq: A,
         ) -> Result<Vec<Entry>, A::Error> {
             let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
-            while let Some(e) = seq.next_element()? {
+            let mut checksums = 0usize;
+            while let Some(e) = seq.next_element::<Entry>()? {
                 if out.len() == limits::ENTRIES {
                     return Err(serde::de::Error::custom(format!(
                         "more than {} entries",
                         limits::ENTRIES
                     )));
                 }
+                count_checksums(&mut checksums, &e, limits::BLOCK_CHECKSUMS)
+                    .map_err(too_many_checksums)?;
                 out.push(e);
             }
             Ok(out)
         }
     }
     d.deserialize_seq(Bounded)
+}
+
+fn too_many_checksums<E: serde::de::Error>(limit: usize) -> E {
+    E::custom(format!("more than {limit} block checksums"))
+}
+
+/// Adds `entry`'s block checksums to a manifest's `total`, failing past `limit`.
+fn count_checksums(total: &mut usize, entry: &Entry, limit: usize) -> Result<(), usize> {
+    *total = total.saturating_add(
+        entry
+            .data
+            .as_ref()
+            .and_then(|d| d.blocks.as_ref())
+            .map_or(0, |b| b.crc32c.len()),
+    );
+    if *total > limit { Err(limit) } else { Ok(()) }
+}
+
+/// Deserializes one file's block checksums, refusing more than [`limits::BLOCK_CHECKSUMS`]
+/// before allocating them (the manifest's total is checked by `bounded_entries`).
+fn bounded_checksums<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u32>, D::Error> {
+    checksums_at_most(d, limits::BLOCK_CHECKSUMS)
+}
+
+fn checksums_at_most<'de, D: serde::Deserializer<'de>>(
+    d: D,
+    limit: usize,
+) -> Result<Vec<u32>, D::Error> {
+    struct Bounded(usize);
+    impl<'de> serde::de::Visitor<'de> for Bounded {
+        type Value = Vec<u32>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            write!(f, "a list of at most {} CRC-32C values", self.0)
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u32>, A::Error> {
+            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+            while let Some(c) = seq.next_element()? {
+                if out.len() == self.0 {
+                    return Err(too_many_checksums(self.0));
+                }
+                out.push(c);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_seq(Bounded(limit))
 }
 
 #[cfg(test)]
@@ -718,6 +817,7 @@ mod tests {
                 csize: size,
                 method: Method::Stored,
                 crc32: 7,
+                blocks: None,
             }),
         };
         let dir = |path: &str| Entry {
@@ -831,8 +931,43 @@ mod tests {
         assert_eq!(info.state_id(2), None);
         check_info(&info, &pod("my-pod"), 3).unwrap();
         let manifest: Manifest = serde_json::from_str(blocks[1]).unwrap();
-        assert_eq!(manifest.entries[1].data.unwrap().method, Method::Deflate);
+        let data = |i: usize| manifest.entries[i].data.as_ref().unwrap();
+        assert_eq!(data(1).method, Method::Deflate);
         assert_eq!(manifest.entries[2].target.as_deref(), Some("config.json"));
+        let big = &manifest.entries[3];
+        let blocks = data(3).blocks.as_ref().unwrap();
+        assert_eq!((blocks.size, blocks.crc32c.len()), (1 << 20, 3));
+        check_blocks(blocks, big.size).unwrap();
+    }
+
+    /// A list of checksums longer than the limit is refused while it is parsed, and so is a
+    /// manifest whose lists together pass it.
+    #[test]
+    fn block_checksums_are_limited() {
+        #[derive(Debug, Deserialize)]
+        struct Ten {
+            #[serde(deserialize_with = "ten")]
+            _v: Vec<u32>,
+        }
+        fn ten<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u32>, D::Error> {
+            checksums_at_most(d, 10)
+        }
+        let list = |n: usize| format!("{{\"_v\":[{}]}}", vec!["7"; n].join(","));
+        serde_json::from_str::<Ten>(&list(10)).unwrap();
+        let err = serde_json::from_str::<Ten>(&list(11)).unwrap_err();
+        assert!(
+            err.to_string().contains("more than 10 block checksums"),
+            "{err}"
+        );
+
+        let mut e = sample("p", 1).manifest.entries[1].clone();
+        e.data.as_mut().unwrap().blocks = Some(Box::new(Blocks {
+            size: 1 << 20,
+            crc32c: vec![0; 6],
+        }));
+        let mut total = 0;
+        assert_eq!(count_checksums(&mut total, &e, 10), Ok(()));
+        assert_eq!(count_checksums(&mut total, &e, 10), Err(10));
     }
 
     fn pod(s: &str) -> PodName {
@@ -993,6 +1128,22 @@ mod tests {
         let mut obj = sample("p", 1);
         obj.manifest.entries.swap(0, 1);
         assert!(decode_err(&obj).contains("sorted") || decode_err(&obj).contains("parent"));
+
+        let with_blocks = |size: u64, crc32c: Vec<u32>| {
+            let mut obj = sample("p", 1);
+            obj.manifest.entries[1].data.as_mut().unwrap().blocks =
+                Some(Box::new(Blocks { size, crc32c }));
+            obj
+        };
+        // The sample's a/x has 5 bytes: one block.
+        let obj = with_blocks(1 << 20, vec![1]);
+        VersionObject::decode(&pod("p"), 1, obj.encode().unwrap()).unwrap();
+        assert!(decode_err(&with_blocks(1 << 20, vec![1, 2])).contains("2 block checksums for 1"));
+        assert!(decode_err(&with_blocks(1 << 20, vec![])).contains("0 block checksums"));
+        for size in [0, 1000, 3 << 20, 32 << 10, 128 << 20] {
+            let msg = decode_err(&with_blocks(size, vec![1]));
+            assert!(msg.contains("is not a power of two from"), "{size}: {msg}");
+        }
 
         let obj = sample("p", 1);
         let bytes = obj.encode().unwrap();

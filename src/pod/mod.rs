@@ -1,6 +1,7 @@
 //! Pods: the v1 format (manifest, state and version zips), and the save, load, list and
 //! delete operations on any [`Remote`](crate::remote::Remote).
 
+pub mod blocks;
 pub mod delete;
 pub mod fence;
 pub mod load;

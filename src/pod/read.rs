@@ -14,6 +14,7 @@ use futures::{Stream, StreamExt, TryStreamExt};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::OwnedSemaphorePermit;
 
+use super::blocks::{block_checked, block_range, block_size, verify_block};
 use super::manifest::{DataRef, Entry, Method, VersionInfo, VersionObject, decode_info};
 use super::{PodError, PodName, PodResult};
 use crate::remote::{Remote, RemoteError};
@@ -178,12 +179,12 @@ pub async fn copy_file<W: AsyncWrite + Unpin + Send>(
     out: &mut W,
     budget: &ReadBudget,
 ) -> PodResult<u64> {
-    let Some(DataRef {
+    let Some(&DataRef {
         state,
         offset,
         csize,
         ..
-    }) = entry.data
+    }) = entry.data.as_ref()
     else {
         return Err(corrupt(pod, via, entry, "a file without data".into()));
     };
@@ -200,10 +201,14 @@ pub async fn copy_file<W: AsyncWrite + Unpin + Send>(
 }
 
 /// Bytes `range` of file `entry` of version `via`, clipped to the file's size (a range past
-/// the end gives fewer bytes, as `pread` does). A stored file is read as exactly those bytes of
-/// its state object, unchecked (one block of a file cannot be checked against a CRC-32 of the
-/// whole file); a deflated one is fetched whole, inflated and checked (size and CRC-32), and the
-/// range cut from it.
+/// the end gives fewer bytes, as `pread` does), checked wherever the manifest allows:
+///
+/// - a stored file whose blocks can be checked ([`block_checked`]: it has block checksums, or is
+///   at most one block) is read as the whole blocks that hold the range, each verified;
+/// - a deflated file is fetched whole, inflated and checked (size and CRC-32);
+/// - a stored file larger than one block saved before block checksums existed is read as
+///   exactly those bytes, unchecked: only a reader of the whole file can check it
+///   ([`WholeFileCheck`](super::blocks::WholeFileCheck)).
 pub async fn read_range(
     remote: &dyn Remote,
     pod: &PodName,
@@ -211,44 +216,51 @@ pub async fn read_range(
     entry: &Entry,
     range: Range<u64>,
 ) -> PodResult<Bytes> {
-    let Some(data) = entry.data else {
+    let Some(data) = &entry.data else {
         return Err(corrupt(pod, via, entry, "a file without data".into()));
     };
     let end = range.end.min(entry.size);
     if range.start >= end {
         return Ok(Bytes::new());
     }
-    let missing = |e: RemoteError| match e {
-        RemoteError::NotFound(what) => corrupt(
-            pod,
-            via,
-            entry,
-            format!("its state object is missing ({what})"),
-        ),
-        e => e.into(),
+    if data.method == Method::Stored && !block_checked(entry) {
+        return read_stored(remote, pod, via, entry, range.start..end).await;
+    }
+    let b = block_size(entry);
+    let first = range.start / b;
+    let bytes = read_blocks(remote, pod, via, entry, first..end.div_ceil(b)).await?;
+    let at = first * b;
+    Ok(bytes.slice((range.start - at) as usize..(end - at) as usize))
+}
+
+/// The bytes of blocks `blocks` of file `entry` of version `via` (see
+/// [`block_range`](super::blocks::block_range); blocks past the end are left out), each verified
+/// against its checksum when [`block_checked`] says it can be: a damaged block is a
+/// [`PodError::Corrupt`] that names the file and the offset of the block. A stored file is one
+/// range read of those blocks; a deflated one is fetched whole, inflated and checked.
+pub async fn read_blocks(
+    remote: &dyn Remote,
+    pod: &PodName,
+    via: u64,
+    entry: &Entry,
+    blocks: Range<u64>,
+) -> PodResult<Bytes> {
+    let Some(data) = &entry.data else {
+        return Err(corrupt(pod, via, entry, "a file without data".into()));
     };
-    match data.method {
-        Method::Stored => {
-            let at = data.offset + range.start;
-            let bytes = remote
-                .read_state(pod, via, data.state, at..data.offset + end)
-                .await
-                .map_err(missing)?;
-            if bytes.len() as u64 != end - range.start {
-                return Err(corrupt(
-                    pod,
-                    via,
-                    entry,
-                    "its state object is truncated".into(),
-                ));
-            }
-            Ok(bytes)
-        }
+    let b = block_size(entry);
+    let start = blocks.start.saturating_mul(b).min(entry.size);
+    let end = blocks.end.saturating_mul(b).min(entry.size);
+    if start >= end {
+        return Ok(Bytes::new());
+    }
+    let bytes = match data.method {
+        Method::Stored => read_stored(remote, pod, via, entry, start..end).await?,
         Method::Deflate => {
             let stored = remote
                 .read_state(pod, via, data.state, data.range())
                 .await
-                .map_err(missing)?;
+                .map_err(|e| missing(pod, via, entry, e))?;
             let want = data.csize;
             let one = futures::stream::once(std::future::ready(Ok(Chunk {
                 bytes: stored,
@@ -259,8 +271,67 @@ pub async fn read_range(
             let hint = entry.size.min(CHUNK);
             let mut plain = Vec::with_capacity(usize::try_from(hint).unwrap_or(0));
             decode_into(pod, via, entry, one, &mut plain).await?;
-            Ok(Bytes::from(plain).slice(range.start as usize..end as usize))
+            Bytes::from(plain).slice(start as usize..end as usize)
         }
+    };
+    // A deflated file was checked whole (size and CRC-32) as it was inflated.
+    if data.method == Method::Stored && block_checked(entry) {
+        for i in blocks.start..end.div_ceil(b) {
+            let r = block_range(entry, i);
+            let block = &bytes[(r.start - start) as usize..(r.end - start) as usize];
+            verify_block(entry, i, block).map_err(|e| {
+                corrupt(
+                    pod,
+                    via,
+                    entry,
+                    format!("bytes {}..{} are damaged ({e})", e.offset(entry), r.end),
+                )
+            })?;
+        }
+    }
+    Ok(bytes)
+}
+
+/// Exactly bytes `range` (within the file) of stored file `entry`, unchecked.
+async fn read_stored(
+    remote: &dyn Remote,
+    pod: &PodName,
+    via: u64,
+    entry: &Entry,
+    range: Range<u64>,
+) -> PodResult<Bytes> {
+    let Some(data) = &entry.data else {
+        return Err(corrupt(pod, via, entry, "a file without data".into()));
+    };
+    let bytes = remote
+        .read_state(
+            pod,
+            via,
+            data.state,
+            data.offset + range.start..data.offset + range.end,
+        )
+        .await
+        .map_err(|e| missing(pod, via, entry, e))?;
+    if bytes.len() as u64 != range.end - range.start {
+        return Err(corrupt(
+            pod,
+            via,
+            entry,
+            "its state object is truncated".into(),
+        ));
+    }
+    Ok(bytes)
+}
+
+fn missing(pod: &PodName, via: u64, entry: &Entry, e: RemoteError) -> PodError {
+    match e {
+        RemoteError::NotFound(what) => corrupt(
+            pod,
+            via,
+            entry,
+            format!("its state object is missing ({what})"),
+        ),
+        e => e.into(),
     }
 }
 
@@ -282,7 +353,7 @@ pub async fn decode_into<W: AsyncWrite + Unpin + Send>(
     out: &mut W,
 ) -> PodResult<u64> {
     let corrupt = |reason: String| corrupt(pod, via, entry, reason);
-    let Some(data) = entry.data else {
+    let Some(data) = &entry.data else {
         return Err(corrupt("a file without data".into()));
     };
     let mut chunks = std::pin::pin!(chunks);
@@ -388,8 +459,8 @@ mod tests {
         let (remote, pod, obj, big, small) = pod_with_files().await;
         let big_e = obj.manifest.get("big").unwrap();
         let small_e = obj.manifest.get("small").unwrap();
-        assert_eq!(big_e.data.unwrap().method, Method::Stored);
-        assert_eq!(small_e.data.unwrap().method, Method::Deflate);
+        assert_eq!(big_e.data.as_ref().unwrap().method, Method::Stored);
+        assert_eq!(small_e.data.as_ref().unwrap().method, Method::Deflate);
         for range in [0..10, 1_000_000..1_048_576, 3_145_000..3_145_728, 5..5] {
             let got = read_range(&remote, &pod, 1, big_e, range.clone())
                 .await
@@ -407,6 +478,113 @@ mod tests {
             .await
             .unwrap();
         assert!(got.is_empty());
+    }
+
+    /// Replaces state object `state` (`len` bytes) of `pod` by a copy with byte `at` flipped.
+    async fn damage(remote: &MemoryRemote, pod: &PodName, state: u64, len: u64, at: u64) {
+        let mut bytes = remote
+            .read_state(pod, state, state, 0..len)
+            .await
+            .unwrap()
+            .to_vec();
+        bytes[at as usize] ^= 0x01;
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("state.zip");
+        std::fs::write(&path, &bytes).unwrap();
+        remote.delete_state(pod, state).await.unwrap();
+        let progress: Arc<dyn Progress> = Arc::new(NoProgress);
+        remote.put_state(pod, state, &path, progress).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn saves_write_block_checksums_for_files_larger_than_a_block() {
+        let (_remote, _pod, obj, big, _) = pod_with_files().await;
+        let blocks = obj
+            .manifest
+            .get("big")
+            .unwrap()
+            .data
+            .as_ref()
+            .unwrap()
+            .blocks
+            .clone();
+        let want: Vec<u32> = big
+            .chunks(1 << 20)
+            .map(crate::pod::blocks::crc32c)
+            .collect();
+        assert_eq!(blocks.map(|b| (b.size, b.crc32c)), Some((1 << 20, want)));
+        for small in ["small", "dir/x"] {
+            let e = obj.manifest.get(small).unwrap();
+            assert!(e.data.as_ref().unwrap().blocks.is_none(), "{small}");
+            assert!(block_checked(e));
+        }
+    }
+
+    #[tokio::test]
+    async fn damaged_blocks_are_errors_naming_the_file_and_offset() {
+        let (remote, pod, obj, big, _) = pod_with_files().await;
+        let e = obj.manifest.get("big").unwrap();
+        let offset = e.data.as_ref().unwrap().offset;
+        // Flip a byte in the second block (file offset 1.5 MiB).
+        damage(&remote, &pod, 1, obj.info.stored_bytes, offset + (3 << 19)).await;
+        for range in [
+            (1 << 20)..(1 << 20) + 1,
+            (3 << 19)..(3 << 19) + 10,
+            0..(3 << 20),
+        ] {
+            let err = read_range(&remote, &pod, 1, e, range.clone())
+                .await
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("version 1 of pod \"p\"")
+                    && err.contains("\"big\"")
+                    && err.contains("bytes 1048576..2097152 are damaged"),
+                "{range:?}: {err}"
+            );
+        }
+        let err = read_blocks(&remote, &pod, 1, e, 1..2).await.unwrap_err();
+        assert!(err.to_string().contains("CRC-32C"), "{err}");
+        // The other blocks still read, the last one short.
+        let got = read_range(&remote, &pod, 1, e, 10..(1 << 20))
+            .await
+            .unwrap();
+        assert_eq!(&got[..], &big[10..1 << 20]);
+        let got = read_blocks(&remote, &pod, 1, e, 2..5).await.unwrap();
+        assert_eq!(&got[..], &big[2 << 20..]);
+    }
+
+    #[tokio::test]
+    async fn files_saved_without_block_checksums_read_unchecked() {
+        let (remote, pod, mut obj, big, _) = pod_with_files().await;
+        // Version 1 as a podfs from before block checksums would have written it.
+        for e in &mut obj.manifest.entries {
+            if let Some(d) = e.data.as_mut() {
+                d.blocks = None;
+            }
+        }
+        remote.delete_version(&pod, 1).await.unwrap();
+        let zip = obj.encode().unwrap();
+        remote
+            .commit_version(&pod, 1, zip, &obj.info.states, None)
+            .await
+            .unwrap();
+        let obj = read_version(&remote, &pod, 1).await.unwrap();
+        let e = obj.manifest.get("big").unwrap();
+        assert!(!block_checked(e));
+        let offset = e.data.as_ref().unwrap().offset;
+        damage(&remote, &pod, 1, obj.info.stored_bytes, offset + 5).await;
+        // A range is read unchecked; only a reader of the whole file notices.
+        let got = read_range(&remote, &pod, 1, e, 0..10).await.unwrap();
+        assert_ne!(&got[..], &big[..10]);
+        let mut check = crate::pod::blocks::WholeFileCheck::new(e).unwrap();
+        let mut result = Ok(crate::pod::blocks::WholeFile::Reading);
+        for i in 0..3u64 {
+            let r = i << 20..(i + 1) << 20;
+            let bytes = read_range(&remote, &pod, 1, e, r.clone()).await.unwrap();
+            result = check.update(r.start, &bytes);
+        }
+        assert!(result.is_err(), "{result:?}");
     }
 
     #[tokio::test]

@@ -153,7 +153,7 @@ pub async fn save(
             blocking(move || write_state_zip(&dest, &inputs, compress_below, &*p, &cancel)).await;
         progress.finish();
         let stored = stored.map_err(|e| cancelled_or(&params.cancel, e))?;
-        for (&i, s) in plan.to_store.iter().zip(&stored) {
+        for (&i, s) in plan.to_store.iter().zip(stored) {
             let e = &mut entries[i];
             e.size = s.size; // the file may have changed since the scan
             e.data = Some(DataRef {
@@ -162,6 +162,7 @@ pub async fn save(
                 csize: s.csize,
                 method: s.method,
                 crc32: s.crc32,
+                blocks: s.blocks,
             });
         }
         outcome.stored_bytes = std::fs::metadata(staged.path())
@@ -320,7 +321,7 @@ fn version_object(
     }
     let states: BTreeSet<u64> = entries
         .iter()
-        .filter_map(|e| e.data.map(|d| d.state))
+        .filter_map(|e| e.data.as_ref().map(|d| d.state))
         .collect();
     VersionObject {
         info: VersionInfo {
@@ -367,7 +368,7 @@ impl Plan {
                         && p.mtime == e.mtime
                         && p.mtime_nsec == e.mtime_nsec =>
                 {
-                    e.data = p.data;
+                    e.data = p.data.clone();
                 }
                 _ => to_store.push(i),
             }

@@ -3,7 +3,9 @@
 //! Entries are named by their path in the tree. Files smaller than the compression threshold are
 //! deflated; larger ones are stored, so any byte range of them is one range read. Files of 4 GiB
 //! and more get zip64 records. After writing, the zip's central directory is read back to learn
-//! each entry's data offset, compressed size and CRC-32 for the manifest.
+//! each entry's data offset, compressed size and CRC-32 for the manifest. The CRC-32C of each
+//! block of a file larger than one block is computed as its bytes stream into the zip, in the
+//! same pass.
 
 use std::fs::File;
 use std::io::{self, BufWriter, Read};
@@ -12,7 +14,8 @@ use std::path::{Path, PathBuf};
 use zip::write::SimpleFileOptions;
 use zip::{CompressionMethod, DateTime};
 
-use super::manifest::Method;
+use super::blocks::{BLOCK_SIZE, BlockHasher};
+use super::manifest::{Blocks, Method};
 use super::{PodError, PodResult};
 use tokio_util::sync::CancellationToken;
 
@@ -35,13 +38,15 @@ pub struct StateInput {
 }
 
 /// Where an entry's data landed in the written state zip.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredEntry {
     pub offset: u64,
     pub csize: u64,
     pub size: u64,
     pub method: Method,
     pub crc32: u32,
+    /// CRC-32C of each [`BLOCK_SIZE`] block, for files larger than one block.
+    pub blocks: Option<Box<Blocks>>,
 }
 
 /// Writes `inputs` as a zip into `dest` and returns, in input order, where each entry's data is.
@@ -56,6 +61,7 @@ pub fn write_state_zip(
     let file = File::create(dest).map_err(PodError::io(dest))?;
     let mut zip = zip::ZipWriter::new(BufWriter::with_capacity(1 << 20, file));
     let zip_err = |e: zip::result::ZipError| PodError::io(dest)(io::Error::other(e));
+    let mut sums = Vec::with_capacity(inputs.len());
     for input in inputs {
         let (method, level) = if input.size < compress_below {
             (CompressionMethod::Deflated, Some(1))
@@ -80,8 +86,10 @@ pub fn write_state_zip(
             inner: src.take(limit),
             progress,
             cancel,
+            blocks: BlockHasher::new(BLOCK_SIZE),
         };
         io::copy(&mut reader, &mut zip).map_err(PodError::io(&input.source))?;
+        sums.push(reader.blocks.finish());
     }
     let mut out = zip.finish().map_err(zip_err)?;
     io::Write::flush(&mut out).map_err(PodError::io(dest))?;
@@ -90,11 +98,16 @@ pub fn write_state_zip(
         .map_err(|e| PodError::io(dest)(e.into_error()))?;
     file.sync_all().map_err(PodError::io(dest))?;
     drop(file);
-    read_back(dest, inputs)
+    read_back(dest, inputs, sums)
 }
 
-/// Reads the central directory of a written state zip and maps each input to its data.
-fn read_back(dest: &Path, inputs: &[StateInput]) -> PodResult<Vec<StoredEntry>> {
+/// Reads the central directory of a written state zip and maps each input to its data, with the
+/// block checksums and byte count computed while it was written.
+fn read_back(
+    dest: &Path,
+    inputs: &[StateInput],
+    sums: Vec<(Vec<u32>, u64)>,
+) -> PodResult<Vec<StoredEntry>> {
     let file = File::open(dest).map_err(PodError::io(dest))?;
     let zip_err = |e: zip::result::ZipError| PodError::io(dest)(io::Error::other(e));
     let mut zip = zip::ZipArchive::new(file).map_err(zip_err)?;
@@ -104,7 +117,7 @@ fn read_back(dest: &Path, inputs: &[StateInput]) -> PodResult<Vec<StoredEntry>> 
         )));
     }
     let mut out = Vec::with_capacity(inputs.len());
-    for (i, input) in inputs.iter().enumerate() {
+    for (i, (input, (crc32c, hashed))) in inputs.iter().zip(sums).enumerate() {
         let f = zip.by_index_raw(i).map_err(zip_err)?;
         let offset = f.data_start().ok_or_else(|| {
             PodError::io(dest)(io::Error::other("zip entry without a data offset"))
@@ -123,22 +136,38 @@ fn read_back(dest: &Path, inputs: &[StateInput]) -> PodResult<Vec<StoredEntry>> 
                 ))));
             }
         };
+        if hashed != f.size() {
+            return Err(PodError::io(dest)(io::Error::other(format!(
+                "zip entry {:?} has {} bytes, {hashed} were read",
+                input.name,
+                f.size()
+            ))));
+        }
+        // A file of one block is checked by its CRC-32 alone.
+        let blocks = (hashed > BLOCK_SIZE).then(|| {
+            Box::new(Blocks {
+                size: BLOCK_SIZE,
+                crc32c,
+            })
+        });
         out.push(StoredEntry {
             offset,
             csize: f.compressed_size(),
             size: f.size(),
             method,
             crc32: f.crc32(),
+            blocks,
         });
     }
     Ok(out)
 }
 
-/// Counts bytes read into a progress reporter.
+/// Counts bytes read into a progress reporter and hashes each block of them.
 struct Counting<'a, R> {
     inner: R,
     progress: &'a dyn Progress,
     cancel: &'a CancellationToken,
+    blocks: BlockHasher,
 }
 
 impl<R: Read> Read for Counting<'_, R> {
@@ -148,6 +177,7 @@ impl<R: Read> Read for Counting<'_, R> {
         }
         let n = self.inner.read(buf)?;
         self.progress.advance(n as u64);
+        self.blocks.update(&buf[..n]);
         Ok(n)
     }
 }
@@ -225,6 +255,14 @@ mod tests {
         f.read_exact_at(&mut buf, stored[1].offset).unwrap();
         assert_eq!(buf, big);
         assert_eq!(stored[1].crc32, crc32fast::hash(&big));
+        // 3,000,000 bytes: two whole blocks and a short one, hashed as they were zipped.
+        let sums: Vec<u32> = big
+            .chunks(1 << 20)
+            .map(crate::pod::blocks::crc32c)
+            .collect();
+        assert_eq!(sums.len(), 3);
+        assert_eq!(stored[1].blocks.as_ref().map(|b| &b.crc32c), Some(&sums));
+        assert!(stored[0].blocks.is_none() && stored[2].blocks.is_none());
         assert_eq!(stored[2].size, 0);
         // The first entry decompresses from its offset.
         let mut c = vec![0; stored[0].csize as usize];
