@@ -287,7 +287,7 @@ fn reused_state_ids(
 ) -> PodResult<BTreeMap<u64, String>> {
     let reused: BTreeSet<u64> = entries
         .iter()
-        .filter_map(|e| e.data.map(|d| d.state))
+        .filter_map(|e| e.data.as_ref().map(|d| d.state))
         .filter(|&s| s != 0)
         .collect();
     reused

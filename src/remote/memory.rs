@@ -40,6 +40,12 @@ impl MemoryRemote {
         self.lock().keys().cloned().collect()
     }
 
+    /// Puts raw bytes under an object name, replacing what is there: for tests that craft
+    /// objects by hand (a real remote never overwrites).
+    pub fn put_raw(&self, name: &str, bytes: Bytes) {
+        self.lock().insert(name.to_owned(), bytes);
+    }
+
     fn objects(&self) -> Vec<ObjectId> {
         self.lock()
             .keys()
