@@ -495,6 +495,43 @@ pub struct MountArgs {
     /// Let other users see the mount (needs `user_allow_other` in /etc/fuse.conf unless root).
     #[arg(long)]
     pub allow_other: bool,
+    /// Where fetched blocks are kept across mounts (default: the volume dir's cache/).
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+    /// Bound of the disk cache (e.g. 512M, 10G).
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    pub cache_size: u64,
+    /// Bound of the memory cache (e.g. 64M).
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    pub memory_cache: u64,
+}
+
+/// `512M`, `10G`, `4096`: a size in bytes with an optional K, M, G or T suffix (powers of 1024).
+fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let s = s.trim();
+    let (num, unit) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((i, _)) => (&s[..i], s[i..].to_ascii_uppercase()),
+        None => (s, String::new()),
+    };
+    let shift = match unit.trim_end_matches("IB").trim_end_matches('B') {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => {
+            return Err(format!(
+                "unknown unit in {s:?}: use K, M, G or T (e.g. 512M)"
+            ));
+        }
+    };
+    num.trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1u64 << shift))
+        .ok_or_else(|| {
+            format!("{s:?} is not a size: use a whole number with K, M, G or T (e.g. 512M)")
+        })
 }
 
 /// The remotes a mount shows: `--remote NAME`, or every configured one.
@@ -534,12 +571,23 @@ pub async fn mount(ctx: &Context, args: MountArgs) -> Result<()> {
     }
     // SAFETY: getuid and getgid cannot fail and touch no memory.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let cache = crate::cache::BlockCache::new(crate::cache::CacheConfig {
+        memory_bytes: args.memory_cache,
+        disk_dir: Some(
+            args.cache_dir
+                .clone()
+                .unwrap_or_else(|| ctx.volume.root().join("cache")),
+        ),
+        disk_bytes: args.cache_size,
+        ..crate::cache::CacheConfig::default()
+    })?;
     let config = crate::fs::FsConfig {
         refresh: args.refresh,
         uid,
         gid,
     };
-    let fs = Arc::new(crate::fs::PodFs::new(remotes, config));
+    let cache = Arc::new(cache);
+    let fs = Arc::new(crate::fs::PodFs::new(remotes, config).with_cache(Arc::clone(&cache)));
     let mount_config = crate::fs::fuse::MountConfig {
         allow_other: args.allow_other,
         ..Default::default()
@@ -553,6 +601,8 @@ pub async fn mount(ctx: &Context, args: MountArgs) -> Result<()> {
             .with_context(|| format!("cannot mount on {}", point.display()))?;
     tracing::info!("mounted on {}", point.display());
     mounted.serve(ctx.shutdown.clone()).await?;
+    // Blocks fetched last are on their way to the disk cache: keep them for the next mount.
+    cache.flush().await;
     Ok(())
 }
 
@@ -589,6 +639,13 @@ pub fn mount_in_background(ctx: &Context, args: &MountArgs) -> Result<()> {
         .arg(humantime::format_duration(args.refresh).to_string());
     if let Some(r) = &args.remote {
         cmd.arg("--remote").arg(r);
+    }
+    cmd.arg("--cache-size")
+        .arg(args.cache_size.to_string())
+        .arg("--memory-cache")
+        .arg(args.memory_cache.to_string());
+    if let Some(dir) = &args.cache_dir {
+        cmd.arg("--cache-dir").arg(dir);
     }
     if args.allow_other {
         cmd.arg("--allow-other");

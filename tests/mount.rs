@@ -421,3 +421,120 @@ fn bad_mount_points_are_refused_clearly() {
     podfs.fails(&["mount", p], "is already a podfs mount: `podfs unmount");
     podfs.fails(&["mount", p, "--foreground"], "is already a podfs mount");
 }
+
+// --- Verified, cached reads (the built-in remote). ---
+
+/// A pod `p` holding `big`, 3 MiB of noise (three 1 MiB blocks, each with its CRC-32C); returns
+/// the bytes and where the file's data starts in state object 1.
+fn big_pod(podfs: &Podfs) -> (Vec<u8>, u64) {
+    let work = tempfile::tempdir().unwrap();
+    let data = noise(3 * MIB, 11);
+    std::fs::write(work.path().join("big"), &data).unwrap();
+    podfs.ok(&["save", "p", "--from", work.path().to_str().unwrap()]);
+    let v: serde_json::Value =
+        serde_json::from_str(&podfs.ok(&["inspect", "p", "--json"])).unwrap();
+    let offset = v["entries"][0]["data"]["offset"].as_u64().unwrap();
+    (data, offset)
+}
+
+/// Flips one byte of `path` at `at`.
+fn flip(path: &Path, at: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut b = [0u8];
+    f.read_exact_at(&mut b, at).unwrap();
+    f.write_all_at(&[b[0] ^ 0x5a], at).unwrap();
+}
+
+fn read_at(path: &Path, at: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; len];
+    std::fs::File::open(path)?.read_exact_at(&mut buf, at)?;
+    Ok(buf)
+}
+
+/// A byte flipped inside a large file's data on the remote: reading that block is EIO, never
+/// its bytes, and the other blocks read fine.
+#[test]
+fn a_damaged_block_on_the_remote_is_eio_and_the_others_read() {
+    let podfs = Podfs::new();
+    let (data, offset) = big_pod(&podfs);
+    let state = podfs.pods_dir().join("localstack-pod-p-state-1.zip");
+    flip(&state, offset + (3 << 19)); // inside block 1
+    let m = Mounted::new(&podfs, &[]);
+    let big = m.pod("default", "p").join("big");
+    assert_eq!(read_at(&big, 0, 4096).unwrap(), data[..4096]);
+    let e = read_at(&big, (1 << 20) + 10, 100).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    assert_eq!(
+        read_at(&big, 2 << 20, 4096).unwrap(),
+        data[2 << 20..(2 << 20) + 4096]
+    );
+    assert!(
+        m.log_text().contains("damaged"),
+        "the daemon logs the damage: {}",
+        m.log_text()
+    );
+}
+
+/// Blocks read once are on disk for the next mount (the remote is not needed for them), and a
+/// byte flipped in a cached block is caught: the block is fetched again, the bytes are right.
+#[test]
+fn the_disk_cache_serves_a_remount_and_damaged_cache_blocks_are_fetched_again() {
+    let podfs = Podfs::new();
+    let (data, _) = big_pod(&podfs);
+    let cache = tempfile::tempdir().unwrap();
+    let args = ["--cache-dir", cache.path().to_str().unwrap()];
+    let cached_blocks = || -> Vec<std::path::PathBuf> {
+        let mut out = Vec::new();
+        let mut dirs = vec![cache.path().to_owned()];
+        while let Some(d) = dirs.pop() {
+            for e in std::fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                let name = p.file_name().unwrap().to_string_lossy().into_owned();
+                if p.is_dir() {
+                    dirs.push(p);
+                } else if name.len() > 32 && !name.starts_with('.') {
+                    out.push(p);
+                }
+            }
+        }
+        out
+    };
+    {
+        let m = Mounted::new(&podfs, &args);
+        assert_eq!(
+            std::fs::read(m.pod("default", "p").join("big")).unwrap(),
+            data
+        );
+    }
+    assert_eq!(cached_blocks().len(), 3, "one file per 1 MiB block");
+
+    // Without the state object, a new mount still reads the file: from the disk cache.
+    let state = podfs.pods_dir().join("localstack-pod-p-state-1.zip");
+    let away = podfs.pods_dir().join("state-away");
+    std::fs::rename(&state, &away).unwrap();
+    {
+        let m = Mounted::new(&podfs, &args);
+        assert_eq!(
+            std::fs::read(m.pod("default", "p").join("big")).unwrap(),
+            data
+        );
+    }
+
+    // Damage every cached block; with the remote back, the right bytes come back.
+    for block in cached_blocks() {
+        let len = std::fs::metadata(&block).unwrap().len();
+        flip(&block, len - 7);
+    }
+    std::fs::rename(&away, &state).unwrap();
+    let m = Mounted::new(&podfs, &args);
+    assert_eq!(
+        std::fs::read(m.pod("default", "p").join("big")).unwrap(),
+        data
+    );
+}

@@ -208,6 +208,14 @@ fn bump(counter: &AtomicU64) {
     counter.fetch_add(1, Relaxed);
 }
 
+impl std::fmt::Debug for BlockCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockCache")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
 /// The block cache: memory LRU, then disk, then the caller's fetch. Share it as
 /// `Arc<BlockCache>` between all reads of a mount.
 pub struct BlockCache {

@@ -37,8 +37,13 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use tokio::sync::OnceCell;
 
+use bytes::BytesMut;
+
+use crate::cache::{BlockCache, BlockKey};
 use crate::name::PodName;
-use crate::pod::manifest::{Entry, Kind, VersionObject};
+use crate::pod::PodError;
+use crate::pod::blocks::{block_checked, block_range, block_size, verify_block};
+use crate::pod::manifest::{Entry, Kind, Method, VersionObject};
 use crate::pod::read::{read_range, read_version};
 use crate::remote::Remote;
 pub use error::{FsError, FsResult};
@@ -112,9 +117,13 @@ pub struct DirEntry {
 #[derive(Debug)]
 pub struct OpenFile {
     remote: Arc<dyn Remote>,
+    /// The remote's configured name: part of every cache key.
+    remote_name: String,
     pod: PodName,
     version: u64,
     entry: Entry,
+    /// The identity of the state object holding the file's bytes (none: never cached).
+    state_id: Option<String>,
 }
 
 /// What an inode stands for. Remotes are indexes into [`PodFs::remotes`].
@@ -197,6 +206,8 @@ pub struct PodFs {
     files: Mutex<HashMap<u64, Arc<OpenFile>>>,
     dirs: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
     next_handle: AtomicU64,
+    /// Fetched blocks (memory and disk), if the mount has a cache.
+    cache: Option<Arc<BlockCache>>,
 }
 
 /// Locks `m`; a poisoned lock only means another operation panicked while holding it, and every
@@ -218,7 +229,14 @@ impl PodFs {
             files: Mutex::default(),
             dirs: Mutex::default(),
             next_handle: AtomicU64::new(1),
+            cache: None,
         }
+    }
+
+    /// Reads file bytes through `cache` (memory and disk), verified on the way in and out.
+    pub fn with_cache(mut self, cache: Arc<BlockCache>) -> Self {
+        self.cache = Some(cache);
+        self
     }
 
     fn ino(&self, node: Node) -> u64 {
@@ -231,6 +249,13 @@ impl PodFs {
 
     fn remote(&self, r: usize) -> FsResult<&Arc<dyn Remote>> {
         self.remotes.get(r).map(|(_, x)| x).ok_or(FsError::NotFound)
+    }
+
+    fn remote_name(&self, r: usize) -> FsResult<&str> {
+        self.remotes
+            .get(r)
+            .map(|(n, _)| n.as_str())
+            .ok_or(FsError::NotFound)
     }
 
     /// The pods of remote `r` with their latest version, listed at most once per refresh.
@@ -661,11 +686,18 @@ impl PodFs {
         if entry.kind != Kind::File {
             return Err(FsError::NotFound);
         }
+        let state_id = entry
+            .data
+            .as_ref()
+            .and_then(|d| obj.state_id(d.state))
+            .map(str::to_owned);
         let file = OpenFile {
             remote: Arc::clone(self.remote(remote)?),
+            remote_name: self.remote_name(remote)?.to_owned(),
             pod,
             version,
             entry: entry.clone(),
+            state_id,
         };
         let fh = self.handle();
         lock(&self.files).insert(fh, Arc::new(file));
@@ -682,9 +714,81 @@ impl PodFs {
         self.fetch_range(&file, offset..end).await
     }
 
-    /// Where every file byte comes from: the one place the block cache will plug in.
+    /// Where every file byte comes from. With a block cache (and a state identity to key it
+    /// on), a stored file is read in whole blocks and a deflated one whole, each through the
+    /// cache and checked against the manifest on the way in and on the way back from disk.
     async fn fetch_range(&self, file: &OpenFile, range: Range<u64>) -> FsResult<Bytes> {
-        Ok(read_range(&*file.remote, &file.pod, file.version, &file.entry, range).await?)
+        let entry = &file.entry;
+        let (Some(cache), Some(data), Some(state_id)) =
+            (&self.cache, &entry.data, file.state_id.as_deref())
+        else {
+            return Ok(read_range(&*file.remote, &file.pod, file.version, entry, range).await?);
+        };
+        let end = range.end.min(entry.size);
+        if range.start >= end {
+            return Ok(Bytes::new());
+        }
+        let key = |offset: u64, len: u64| {
+            BlockKey::new(&file.remote_name, &file.pod, Some(state_id), offset, len)
+        };
+        let fetch = |r: Range<u64>| read_range(&*file.remote, &file.pod, file.version, entry, r);
+        if data.method == Method::Deflate {
+            // Small files: fetched and inflated once, kept whole.
+            let whole_file = 0..entry.size;
+            let whole = match key(data.offset, data.csize) {
+                Some(k) => {
+                    let check = |b: &[u8]| self.check_whole(file, b);
+                    cache.get_or_fetch(&k, fetch(whole_file), check).await?
+                }
+                None => fetch(whole_file).await?,
+            };
+            return Ok(whole.slice(range.start as usize..end as usize));
+        }
+        let b = block_size(entry);
+        let mut out = BytesMut::with_capacity((end - range.start) as usize);
+        for i in range.start / b..end.div_ceil(b) {
+            let r = (i * b)..((i + 1) * b).min(entry.size);
+            let bytes = match key(data.offset + r.start, r.end - r.start) {
+                Some(k) => {
+                    let check = |bytes: &[u8]| self.check_block(file, i, bytes);
+                    cache.get_or_fetch(&k, fetch(r.clone()), check).await?
+                }
+                None => fetch(r.clone()).await?,
+            };
+            let from = range.start.max(r.start) - r.start;
+            let to = end.min(r.end) - r.start;
+            out.extend_from_slice(&bytes[from as usize..to as usize]);
+        }
+        Ok(out.freeze())
+    }
+
+    /// Checks block `i` of an open file: its CRC-32C where the manifest has one, else its length.
+    fn check_block(&self, file: &OpenFile, i: u64, bytes: &[u8]) -> Result<(), PodError> {
+        let entry = &file.entry;
+        let r = block_range(entry, i);
+        let ok = if block_checked(entry) {
+            verify_block(entry, i, bytes).is_ok()
+        } else {
+            bytes.len() as u64 == r.end - r.start
+        };
+        ok.then_some(()).ok_or_else(|| PodError::Corrupt {
+            pod: file.pod.to_string(),
+            version: file.version,
+            reason: format!("{:?}: bytes {}..{} are damaged", entry.path, r.start, r.end),
+        })
+    }
+
+    /// Checks a whole (deflated, small) file against its size and CRC-32.
+    fn check_whole(&self, file: &OpenFile, bytes: &[u8]) -> Result<(), PodError> {
+        let entry = &file.entry;
+        let crc = entry.data.as_ref().map(|d| d.crc32);
+        (bytes.len() as u64 == entry.size && Some(crc32fast::hash(bytes)) == crc)
+            .then_some(())
+            .ok_or_else(|| PodError::Corrupt {
+                pod: file.pod.to_string(),
+                version: file.version,
+                reason: format!("{:?}: the data is damaged (CRC-32 mismatch)", entry.path),
+            })
     }
 
     pub fn release(&self, fh: u64) {
