@@ -11,10 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use podfs::pod::manifest::{
-    DataRef, Entry, FORMAT, Kind, Manifest, Method, VersionInfo, VersionObject,
-};
-use support::{Podfs, snapshot, zip_of};
+use podfs::pod::manifest::{Entry, FORMAT, Kind, Manifest, VersionInfo, VersionObject};
+use support::{Podfs, file_entry, snapshot, zip_of};
 
 fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -39,27 +37,6 @@ fn dir_entry(path: &str) -> Entry {
         size: 0,
         target: None,
         data: None,
-    }
-}
-
-/// A stored file whose bytes are `data` at `offset` of state object 1.
-fn file_entry(path: &str, data: &[u8], offset: u64) -> Entry {
-    Entry {
-        path: path.into(),
-        kind: Kind::File,
-        mode: 0o644,
-        mtime: 1_700_000_000,
-        mtime_nsec: 0,
-        size: data.len() as u64,
-        target: None,
-        data: Some(DataRef {
-            state: 1,
-            offset,
-            csize: data.len() as u64,
-            method: Method::Stored,
-            crc32: crc32fast::hash(data),
-            blocks: None,
-        }),
     }
 }
 

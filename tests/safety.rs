@@ -9,30 +9,8 @@ use std::time::{Duration, Instant};
 
 use filetime::FileTime;
 
-use podfs::pod::manifest::{
-    DataRef, Entry, FORMAT, Kind, Manifest, Method, VersionInfo, VersionObject,
-};
-use support::{Podfs, snapshot};
-
-fn file_entry(path: &str, data: &[u8], offset: u64) -> Entry {
-    Entry {
-        path: path.into(),
-        kind: Kind::File,
-        mode: 0o644,
-        mtime: 1_700_000_000,
-        mtime_nsec: 0,
-        size: data.len() as u64,
-        target: None,
-        data: Some(DataRef {
-            state: 1,
-            offset,
-            csize: data.len() as u64,
-            method: Method::Stored,
-            crc32: crc32fast::hash(data),
-            blocks: None,
-        }),
-    }
-}
+use podfs::pod::manifest::{Entry, FORMAT, Kind, Manifest, VersionInfo, VersionObject};
+use support::{Podfs, file_entry, snapshot};
 
 /// Writes a hand-made version 1 of `pod` into the default remote: a state object holding
 /// `state` and a version object listing `entries`.

@@ -274,3 +274,24 @@ pub fn zip_of(entries: &[(&str, &[u8])]) -> Vec<u8> {
     }
     bytes
 }
+
+/// A stored file whose bytes are `data` at `offset` of state object 1.
+pub fn file_entry(path: &str, data: &[u8], offset: u64) -> podfs::pod::manifest::Entry {
+    podfs::pod::manifest::Entry {
+        path: path.into(),
+        kind: podfs::pod::manifest::Kind::File,
+        mode: 0o644,
+        mtime: 1_700_000_000,
+        mtime_nsec: 0,
+        size: data.len() as u64,
+        target: None,
+        data: Some(podfs::pod::manifest::DataRef {
+            state: 1,
+            offset,
+            csize: data.len() as u64,
+            method: podfs::pod::manifest::Method::Stored,
+            crc32: crc32fast::hash(data),
+            blocks: None,
+        }),
+    }
+}
