@@ -195,12 +195,29 @@ pub fn assert_same_tree(expected: &Path, actual: &Path) {
 }
 
 /// A free TCP port on 127.0.0.1.
+///
+/// A port handed out by `bind(…:0)` is released before the server binds it, and in that window
+/// the kernel may give it to another test's server or to an outgoing connection (seen: two moto
+/// servers on one port, the loser's test then talking to the winner until it went away). Ports
+/// below the kernel's ephemeral range (32768 and up here) are never handed out by the kernel, and
+/// a counter keeps the tests of this process apart; the process id spreads test binaries.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind 127.0.0.1:0")
-        .local_addr()
-        .expect("local addr")
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const COUNT: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = (std::process::id() % 1000) * 12;
+    for _ in 0..COUNT {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (FIRST + (start + n) % COUNT) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!(
+        "no free loopback port between {FIRST} and {}",
+        FIRST + COUNT
+    );
 }
 
 /// The path of a required external program. Missing is a test failure, never a skip.
