@@ -538,3 +538,31 @@ fn the_disk_cache_serves_a_remount_and_damaged_cache_blocks_are_fetched_again() 
         data
     );
 }
+
+/// Save and load never cross into a real podfs mount inside their tree (the hardening issue
+/// tests this with a stand-in; this is the mount itself, as mountinfo shows it).
+#[test]
+fn save_and_load_leave_a_podfs_mount_inside_the_tree_alone() {
+    let podfs = Podfs::new();
+    let _work = one_pod(&podfs);
+    let m = Mounted::new(&podfs, &[]);
+    let tree = m.point.parent().unwrap().to_str().unwrap().to_owned();
+    let out = podfs.run(&["save", "outer", "--from", &tree]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("(a podfs mount)"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!podfs.ok(&["inspect", "outer"]).contains("mnt"));
+    podfs.ok(&["load", "outer", "--into", &tree, "--strategy", "overwrite"]);
+    assert!(is_mounted(&m.point), "the mount is still there");
+    assert_eq!(
+        std::fs::read_to_string(m.pod("default", "p").join("hello.txt")).unwrap(),
+        "hello, pods\n"
+    );
+}
