@@ -1,4 +1,4 @@
-//! What reaches a terminal: text from a remote (paths, symlink targets, messages, dates) may hold
+//! What reaches a terminal (a leaf module: every layer may use it): text from a remote (paths, symlink targets, messages, dates) may hold
 //! escape sequences or line breaks. Human output shows them escaped, so a pod can neither drive
 //! the terminal nor forge a line of output. JSON output is escaped by serde and needs none of this.
 
@@ -35,21 +35,25 @@ fn needs_escape(c: char) -> bool {
 }
 
 /// An error and its causes in one line, each message once: a cause whose text the line already
-/// holds (many errors print their source in their own message) is not repeated.
-pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut line = String::new();
-    let mut cur = Some(err);
+/// holds (many errors print their source in their own message) is not repeated. Plain text, for
+/// messages and logs at every layer; see [`error_chain`] for the terminal.
+pub fn cause_chain(err: &dyn std::error::Error) -> String {
+    let mut line = err.to_string();
+    let mut cur = err.source();
     while let Some(e) = cur {
         let msg = e.to_string();
         if !line.contains(&msg) {
-            if !line.is_empty() {
-                line.push_str(": ");
-            }
+            line.push_str(": ");
             line.push_str(&msg);
         }
         cur = e.source();
     }
-    escape(&line).into_owned()
+    line
+}
+
+/// [`cause_chain`] with control characters escaped, for the terminal.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    escape(&cause_chain(err)).into_owned()
 }
 
 #[cfg(test)]

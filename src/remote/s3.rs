@@ -16,6 +16,8 @@
 //!   module.
 
 use std::fmt;
+
+use crate::term::cause_chain;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -274,7 +276,7 @@ impl S3Remote {
             },
             _ => RemoteError::Other {
                 remote,
-                detail: format!("request for {what} failed: {}", error_chain(&err)),
+                detail: format!("request for {what} failed: {}", cause_chain(&err)),
             },
         }
     }
@@ -429,7 +431,7 @@ impl S3Remote {
                     });
                 }
                 Err(BodyFailure::Broken(e)) if attempt < MAX_ATTEMPTS => {
-                    tracing::debug!(remote = %self.name, key, attempt, "reading a response body failed, retrying: {}", error_chain(&e));
+                    tracing::debug!(remote = %self.name, key, attempt, "reading a response body failed, retrying: {}", cause_chain(&e));
                     attempt += 1;
                 }
                 Err(BodyFailure::Broken(e)) => {
@@ -438,7 +440,7 @@ impl S3Remote {
                         detail: format!(
                             "the connection broke while reading {} ({MAX_ATTEMPTS} attempts): {} (try again)",
                             self.object_url(key),
-                            error_chain(&e)
+                            cause_chain(&e)
                         ),
                     });
                 }
@@ -615,7 +617,7 @@ async fn https_client_trusting(
     let context = TlsContext::builder()
         .with_trust_store(TrustStore::default().with_pem_certificate(pem))
         .build()
-        .map_err(|e| bad(format!("is not usable ({})", error_chain(&e))))?;
+        .map_err(|e| bad(format!("is not usable ({})", cause_chain(&e))))?;
     Ok(aws_smithy_http_client::Builder::new()
         .tls_provider(tls::Provider::Rustls(CryptoMode::AwsLc))
         .tls_context(context)
@@ -724,22 +726,8 @@ fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
     cur.to_string()
 }
 
-/// Every message of an error chain, joined with ": ", skipping repeats.
-fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    let mut cur = Some(err);
-    while let Some(e) = cur {
-        let msg = e.to_string();
-        if !parts.iter().any(|p| p.contains(&msg)) {
-            parts.push(msg);
-        }
-        cur = e.source();
-    }
-    parts.join(": ")
-}
-
 fn mentions_credentials(err: &(dyn std::error::Error + 'static)) -> bool {
-    error_chain(err).to_ascii_lowercase().contains("credential")
+    cause_chain(err).to_ascii_lowercase().contains("credential")
 }
 
 #[async_trait]
@@ -1111,7 +1099,7 @@ mod tests {
     fn error_chains_skip_repeats() {
         let inner = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
         let outer = RemoteError::io("connecting")(inner);
-        assert_eq!(error_chain(&outer), "connecting: refused");
+        assert_eq!(cause_chain(&outer), "connecting: refused");
         assert_eq!(root_cause(&outer), "refused");
     }
 }

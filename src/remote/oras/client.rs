@@ -22,6 +22,8 @@
 use std::collections::HashSet;
 use std::future::Future;
 use std::sync::Mutex;
+
+use crate::term::cause_chain;
 use std::time::Duration;
 
 use oci_client::client::{ClientConfig, ClientProtocol};
@@ -263,7 +265,7 @@ impl Registry {
 
     fn classify(&self, what: &str, e: OciDistributionError) -> Failure {
         use OciDistributionError as E;
-        let detail = error_chain(&e);
+        let detail = cause_chain(&e);
         let status = match &e {
             E::UnauthorizedError { .. } | E::AuthenticationFailure(_) => Some(401),
             E::ServerError { code, .. } => Some(*code),
@@ -412,21 +414,6 @@ fn other(remote: &str, detail: String) -> RemoteError {
 
 pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// An error and its sources on one line (reqwest hides the cause, e.g. "connection refused").
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let c = cause.to_string();
-        if !s.contains(&c) {
-            s.push_str(": ");
-            s.push_str(&c);
-        }
-        source = cause.source();
-    }
-    s
 }
 
 #[derive(Debug, PartialEq, Eq)]
