@@ -44,7 +44,7 @@ use crate::name::PodName;
 use crate::pod::PodError;
 use crate::pod::blocks::{block_checked, block_range, block_size, verify_block};
 use crate::pod::manifest::{Entry, Kind, Method, VersionObject};
-use crate::pod::read::{read_range, read_version};
+use crate::pod::read::{read_range, read_stored, read_version};
 use crate::remote::Remote;
 pub use error::{FsError, FsResult};
 
@@ -731,19 +731,21 @@ impl PodFs {
         let key = |offset: u64, len: u64| {
             BlockKey::new(&file.remote_name, &file.pod, Some(state_id), offset, len)
         };
-        let fetch = |r: Range<u64>| read_range(&*file.remote, &file.pod, file.version, entry, r);
         if data.method == Method::Deflate {
-            // Small files: fetched and inflated once, kept whole.
-            let whole_file = 0..entry.size;
+            // Small files: fetched and inflated (which checks them) once, kept whole.
+            let fetch = read_range(&*file.remote, &file.pod, file.version, entry, 0..entry.size);
             let whole = match key(data.offset, data.csize) {
                 Some(k) => {
                     let check = |b: &[u8]| self.check_whole(file, b);
-                    cache.get_or_fetch(&k, fetch(whole_file), check).await?
+                    cache.get_or_fetch(&k, fetch, check).await?
                 }
-                None => fetch(whole_file).await?,
+                None => fetch.await?,
             };
             return Ok(whole.slice(range.start as usize..end as usize));
         }
+        // Blocks come unchecked from the remote: the cache runs `check_block` on each once,
+        // whether it came from the remote or from disk.
+        let fetch = |r: Range<u64>| read_stored(&*file.remote, &file.pod, file.version, entry, r);
         let b = block_size(entry);
         let mut out = BytesMut::with_capacity((end - range.start) as usize);
         for i in range.start / b..end.div_ceil(b) {
@@ -753,7 +755,11 @@ impl PodFs {
                     let check = |bytes: &[u8]| self.check_block(file, i, bytes);
                     cache.get_or_fetch(&k, fetch(r.clone()), check).await?
                 }
-                None => fetch(r.clone()).await?,
+                None => {
+                    let bytes = fetch(r.clone()).await?;
+                    self.check_block(file, i, &bytes)?;
+                    bytes
+                }
             };
             let from = range.start.max(r.start) - r.start;
             let to = end.min(r.end) - r.start;

@@ -111,7 +111,10 @@ pub async fn read_version(
         .read_version(pod, version)
         .await
         .map_err(|e| map_missing(remote, pod, version, e))?;
-    VersionObject::decode(pod, version, bytes)
+    // Inflating and parsing a large manifest takes seconds: off the async threads (the mount's
+    // other operations go on meanwhile).
+    let pod = pod.clone();
+    super::blocking(move || VersionObject::decode(&pod, version, bytes)).await
 }
 
 /// Reads only a version's `version.json`.
@@ -179,15 +182,12 @@ pub async fn copy_file<W: AsyncWrite + Unpin + Send>(
     out: &mut W,
     budget: &ReadBudget,
 ) -> PodResult<u64> {
-    let Some(&DataRef {
+    let &DataRef {
         state,
         offset,
         csize,
         ..
-    }) = entry.data.as_ref()
-    else {
-        return Err(corrupt(pod, via, entry, "a file without data".into()));
-    };
+    } = data_of(pod, via, entry)?;
     let ranges = (0..csize.div_ceil(CHUNK)).map(move |i| {
         let start = offset + i * CHUNK;
         start..(start + CHUNK).min(offset + csize)
@@ -216,9 +216,7 @@ pub async fn read_range(
     entry: &Entry,
     range: Range<u64>,
 ) -> PodResult<Bytes> {
-    let Some(data) = &entry.data else {
-        return Err(corrupt(pod, via, entry, "a file without data".into()));
-    };
+    let data = data_of(pod, via, entry)?;
     let end = range.end.min(entry.size);
     if range.start >= end {
         return Ok(Bytes::new());
@@ -245,9 +243,7 @@ pub async fn read_blocks(
     entry: &Entry,
     blocks: Range<u64>,
 ) -> PodResult<Bytes> {
-    let Some(data) = &entry.data else {
-        return Err(corrupt(pod, via, entry, "a file without data".into()));
-    };
+    let data = data_of(pod, via, entry)?;
     let b = block_size(entry);
     let start = blocks.start.saturating_mul(b).min(entry.size);
     let end = blocks.end.saturating_mul(b).min(entry.size);
@@ -292,17 +288,16 @@ pub async fn read_blocks(
     Ok(bytes)
 }
 
-/// Exactly bytes `range` (within the file) of stored file `entry`, unchecked.
-async fn read_stored(
+/// Exactly bytes `range` (within the file) of stored file `entry`, unchecked: for a caller that
+/// checks the blocks itself (the mount's cache checks each block once, from the remote or disk).
+pub async fn read_stored(
     remote: &dyn Remote,
     pod: &PodName,
     via: u64,
     entry: &Entry,
     range: Range<u64>,
 ) -> PodResult<Bytes> {
-    let Some(data) = &entry.data else {
-        return Err(corrupt(pod, via, entry, "a file without data".into()));
-    };
+    let data = data_of(pod, via, entry)?;
     let bytes = remote
         .read_state(
             pod,
@@ -321,6 +316,14 @@ async fn read_stored(
         ));
     }
     Ok(bytes)
+}
+
+/// Where file `entry`'s bytes live; a file without them is a corrupt version.
+fn data_of<'a>(pod: &PodName, via: u64, entry: &'a Entry) -> PodResult<&'a DataRef> {
+    entry
+        .data
+        .as_ref()
+        .ok_or_else(|| corrupt(pod, via, entry, "a file without data".into()))
 }
 
 fn missing(pod: &PodName, via: u64, entry: &Entry, e: RemoteError) -> PodError {
@@ -353,9 +356,7 @@ pub async fn decode_into<W: AsyncWrite + Unpin + Send>(
     out: &mut W,
 ) -> PodResult<u64> {
     let corrupt = |reason: String| corrupt(pod, via, entry, reason);
-    let Some(data) = &entry.data else {
-        return Err(corrupt("a file without data".into()));
-    };
+    let data = data_of(pod, via, entry)?;
     let mut chunks = std::pin::pin!(chunks);
     let mut hasher = crc32fast::Hasher::new();
     let mut written = 0u64;
