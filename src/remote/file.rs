@@ -7,7 +7,7 @@
 use std::fs::File;
 use std::io;
 use std::ops::Range;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -182,6 +182,24 @@ impl Remote for FileRemote {
                 return Err(version_object_too_large(&remote, &what, buf.len() as u64));
             }
             Ok(Bytes::from(buf))
+        })
+        .await
+    }
+
+    async fn version_id(&self, pod: &PodName, version: u64) -> RemoteResult<Option<String>> {
+        let path = self.path(pod, ObjectKind::Version, version);
+        blocking(move || match std::fs::metadata(&path) {
+            // A commit creates a new file (link or rename), so a new object is a new inode.
+            Ok(m) => Ok(Some(format!(
+                "{}:{}:{}:{}.{}",
+                m.dev(),
+                m.ino(),
+                m.size(),
+                m.mtime(),
+                m.mtime_nsec()
+            ))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(RemoteError::io(format!("reading {}", path.display()))(e)),
         })
         .await
     }

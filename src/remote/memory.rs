@@ -89,6 +89,13 @@ impl Remote for MemoryRemote {
             .ok_or(RemoteError::NotFound(name))
     }
 
+    async fn version_id(&self, pod: &PodName, version: u64) -> RemoteResult<Option<String>> {
+        let name = object_name(pod, ObjectKind::Version, version);
+        // Every version object differs from any other (its info holds a creation time).
+        let id = |b: &Bytes| format!("{:08x}-{}", crc32fast::hash(b), b.len());
+        Ok(self.lock().get(&name).map(id))
+    }
+
     async fn read_state(
         &self,
         pod: &PodName,
@@ -211,6 +218,9 @@ impl Remote for FaultyRemote {
     }
     async fn read_version(&self, pod: &PodName, version: u64) -> RemoteResult<Bytes> {
         self.inner.read_version(pod, version).await
+    }
+    async fn version_id(&self, pod: &PodName, version: u64) -> RemoteResult<Option<String>> {
+        self.inner.version_id(pod, version).await
     }
     async fn read_state(
         &self,

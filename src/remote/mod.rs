@@ -144,6 +144,12 @@ pub trait Remote: Send + Sync + std::fmt::Debug {
     /// error, before reading it, if it is larger than [`MAX_VERSION_OBJECT`].
     async fn read_version(&self, pod: &PodName, version: u64) -> RemoteResult<Bytes>;
 
+    /// An opaque identity of the object of committed version `version`, or `None` if there is
+    /// none. Any other object stored under that name later (a pod deleted and saved again
+    /// reuses its numbers) has another identity: the ETag on S3, the manifest digest in a
+    /// registry, the inode and mtime in a directory. One small request; nothing is downloaded.
+    async fn version_id(&self, pod: &PodName, version: u64) -> RemoteResult<Option<String>>;
+
     /// Bytes `range` of state object `state`, as referenced by committed version `via` (the
     /// ORAS backend finds the blob through `via`'s manifest): exactly those bytes, or an error
     /// (also where the object is shorter than `range`).

@@ -464,6 +464,11 @@ impl S3Remote {
 
     /// True if `key` exists (HEAD). Anything but a clean "not found" is an error.
     async fn exists(&self, key: &str) -> RemoteResult<bool> {
+        Ok(self.etag(key).await?.is_some())
+    }
+
+    /// The ETag and modification time of `key` (HEAD), or `None` if it does not exist.
+    async fn etag(&self, key: &str) -> RemoteResult<Option<String>> {
         match self
             .client
             .head_object()
@@ -472,9 +477,15 @@ impl S3Remote {
             .send()
             .await
         {
-            Ok(_) => Ok(true),
+            Ok(head) => Ok(Some(format!(
+                "{}@{}",
+                head.e_tag().unwrap_or_default(),
+                head.last_modified()
+                    .map(|t| t.as_nanos())
+                    .unwrap_or_default()
+            ))),
             Err(e) => match self.classify(e, key) {
-                RemoteError::NotFound(_) => Ok(false),
+                RemoteError::NotFound(_) => Ok(None),
                 e => Err(e),
             },
         }
@@ -746,6 +757,11 @@ impl Remote for S3Remote {
 
     async fn list_states(&self, pod: &PodName) -> RemoteResult<Vec<u64>> {
         self.numbers(pod, ObjectKind::State).await
+    }
+
+    async fn version_id(&self, pod: &PodName, version: u64) -> RemoteResult<Option<String>> {
+        self.etag(&self.key(pod, ObjectKind::Version, version))
+            .await
     }
 
     async fn read_version(&self, pod: &PodName, version: u64) -> RemoteResult<Bytes> {

@@ -70,12 +70,16 @@ use crate::progress::Progress;
 /// Page size asked of `/v2/_catalog` and tag lists.
 const PAGE: usize = 1000;
 
+/// A parsed pod manifest and its digest.
+type CachedManifest = (Arc<OciImageManifest>, String);
+
 pub struct OrasRemote {
     name: String,
     namespace: String,
     registry: Registry,
-    /// Validated pod manifests by `(pod, tag)`. Tags are immutable for podfs.
-    manifests: Mutex<HashMap<(PodName, u64), Arc<OciImageManifest>>>,
+    /// Validated pod manifests by `(pod, tag)`, with their digest. A tag changes only when its
+    /// pod is deleted and saved again, which [`Remote::version_id`] notices.
+    manifests: Mutex<HashMap<(PodName, u64), CachedManifest>>,
     /// Whether the registry honours `Range`: one of [`RANGE_UNKNOWN`], [`RANGE_HONOURED`],
     /// [`RANGE_IGNORED`] (set by the first `200` answer to a ranged read, and kept).
     range_support: AtomicU8,
@@ -183,14 +187,14 @@ impl OrasRemote {
         tag: u64,
     ) -> RemoteResult<Result<Arc<OciImageManifest>, String>> {
         let key = (pod.clone(), tag);
-        if let Some(m) = lock(&self.manifests).get(&key) {
+        if let Some((m, _)) = lock(&self.manifests).get(&key) {
             return Ok(Ok(Arc::clone(m)));
         }
         let r = self
             .reference(pod, &tag.to_string(), RegistryOperation::Pull)
             .await?;
         let what = format!("reading the manifest of {r}");
-        let (body, _digest) = self
+        let (body, digest) = self
             .registry
             .call(&what, || {
                 self.registry
@@ -209,7 +213,7 @@ impl OrasRemote {
             Ok(m) => Arc::new(m),
             Err(why) => return Ok(Err(why)),
         };
-        lock(&self.manifests).insert(key, Arc::clone(&manifest));
+        lock(&self.manifests).insert(key, (Arc::clone(&manifest), digest));
         Ok(Ok(manifest))
     }
 
@@ -679,6 +683,22 @@ impl Remote for OrasRemote {
         self.blob_bytes(&r, layer).await
     }
 
+    async fn version_id(&self, pod: &PodName, version: u64) -> RemoteResult<Option<String>> {
+        let r = self
+            .reference(pod, &version.to_string(), RegistryOperation::Pull)
+            .await?;
+        let digest = self.tag_digest(&r).await?;
+        // The tag may point elsewhere since its manifest was cached (a pod deleted and saved
+        // again): then forget every manifest this remote kept of the pod.
+        let mut manifests = lock(&self.manifests);
+        let cached = manifests.get(&(pod.clone(), version)).map(|(_, d)| d);
+        if cached.is_some() && cached != digest.as_ref() {
+            manifests.retain(|(p, _), _| p != pod);
+        }
+        drop(manifests);
+        Ok(digest)
+    }
+
     async fn read_state(
         &self,
         pod: &PodName,
@@ -843,7 +863,7 @@ impl Remote for OrasRemote {
                 )));
             }
         }
-        lock(&self.manifests).insert((pod.clone(), version), Arc::new(manifest));
+        lock(&self.manifests).insert((pod.clone(), version), (Arc::new(manifest), body_digest));
         Ok(())
     }
 
