@@ -45,6 +45,7 @@ on_every_backend!(
     versions_dir_is_hidden_but_resolves,
     writes_fail_with_erofs,
     parallel_readers_get_their_bytes,
+    a_pod_deleted_and_saved_again_shows_only_its_new_content,
 );
 
 /// `diff -r` without following symlinks (the test tree has a dangling one): must be identical.
@@ -118,6 +119,38 @@ fn every_version_reads_back_exactly(b: &Backend) {
     let uid = std::os::unix::fs::MetadataExt::uid(&dir);
     // SAFETY: getuid cannot fail.
     assert_eq!(uid, unsafe { libc::getuid() }, "owned by the mounting user");
+}
+
+/// `podfs delete POD` and a new save reuse version 1: within `--refresh` the mount shows the new
+/// tree at `POD/` and at `.versions/1/` (names the kernel cached are dropped), never the old
+/// tree or bytes, also where both trees have a file of the same name and size.
+fn a_pod_deleted_and_saved_again_shows_only_its_new_content(b: &Backend) {
+    let pod = b.pod();
+    let work = tempfile::tempdir().unwrap();
+    let (old, new) = (work.path().join("old"), work.path().join("new"));
+    make_tree(&old, 2 * MIB);
+    b.save(&pod, &old, &[]);
+    let m = Mounted::new(&b.podfs, &["--refresh", "1s"]);
+    let root = m.pod(b.remote(), &pod);
+    // Let the kernel and the daemon cache everything of the old tree.
+    assert_diff_clean(&old, &root);
+    assert_diff_clean(&old, &root.join(".versions/1"));
+
+    b.ok(&["delete", &pod]);
+    make_tree(&new, 2 * MIB);
+    std::fs::write(new.join("hello.txt"), "HELLO, PODS\n").unwrap(); // same size
+    std::fs::write(new.join("dir/big.bin"), noise(2 * MIB, 9)).unwrap();
+    std::fs::write(new.join("only-new.txt"), "new").unwrap();
+    b.save(&pod, &new, &[]);
+    assert_eq!(b.versions(&pod), [1], "the number was reused");
+
+    wait_until("the new tree to show", Duration::from_secs(30), || {
+        std::fs::read(root.join("hello.txt")).ok() == Some(b"HELLO, PODS\n".to_vec())
+    });
+    for dir in [root.clone(), root.join(".versions/1")] {
+        assert_diff_clean(&new, &dir);
+        assert_same_tree(&new, &dir);
+    }
 }
 
 /// `.versions` is left out of `ls -a POD`, yet `POD/.versions/1` lists and `.versions/latest`

@@ -21,6 +21,9 @@ pub enum FsError {
     /// `readlink` of something that is not a symlink.
     #[error("not a symlink")]
     NotASymlink,
+    /// An inode of a pod that was deleted and saved again since it was looked up.
+    #[error("stale file handle: the pod was deleted and saved again")]
+    Stale,
     /// A file handle the kernel never got from us (or already released).
     #[error("unknown file handle {0}")]
     BadHandle(u64),
@@ -45,6 +48,7 @@ impl FsError {
             FsError::NoXattr => libc::ENODATA,
             FsError::NotADirectory => libc::ENOTDIR,
             FsError::NotASymlink => libc::EINVAL,
+            FsError::Stale => libc::ESTALE,
             FsError::BadHandle(_) => libc::EBADF,
             FsError::ReadOnly(_) => libc::EROFS,
             FsError::Pod(e) => pod_errno(e),

@@ -15,9 +15,10 @@ use std::time::{Duration, SystemTime};
 
 use fuser::{
     BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, LockOwner, MountOption, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
-    ReplyXattr, Request, Session, SessionACL, SessionUnmounter, TimeOrNow, WriteFlags,
+    INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenAccMode, OpenFlags, RenameFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, Session, SessionACL, SessionUnmounter,
+    TimeOrNow, WriteFlags,
 };
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
@@ -26,6 +27,9 @@ use tracing::Instrument;
 
 use super::error::{FsError, MountError};
 use super::{Attr, FileKind, PodFs, mountpoint};
+
+/// Entries prepared for one `readdirplus` reply (a reply holds about 4 KiB, ~40 entries).
+const READDIRPLUS_BATCH: usize = 64;
 
 /// How long an unmount on shutdown waits for the session to end before giving up on it.
 const STOP_WAIT: Duration = Duration::from_secs(5);
@@ -99,10 +103,31 @@ impl Filesystem for Adapter {
         let name = name.to_owned();
         self.spawn("lookup", req, parent.0, async move {
             match fs.lookup(parent.0, &name).await {
-                Ok(a) => reply.entry(&a.ttl, &file_attr(&a), Generation(0)),
+                Ok(f) => reply.entry_with_ttls(
+                    &f.attr.ttl,
+                    &f.entry_ttl,
+                    &file_attr(&f.attr),
+                    Generation(0),
+                ),
                 Err(e) => reply.error(failed("lookup", parent.0, &e)),
             }
         });
+    }
+
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // Listings come with attributes (from the manifest, in memory), so that `ls -l`,
+        // `find` and `rsync` cost no lookup per entry.
+        if let Err(missing) = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS) {
+            tracing::info!(
+                "the kernel lacks {missing:?}: directories are listed without attributes"
+            );
+        }
+        Ok(())
+    }
+
+    // fuser's default `batch_forget` calls this once per inode.
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.fs.forget(ino.0, nlookup);
     }
 
     fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -224,6 +249,45 @@ impl Filesystem for Adapter {
             }
             Err(e) => reply.error(failed("readdir", ino.0, &e)),
         }
+    }
+
+    fn readdirplus(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let fs = Arc::clone(&self.fs);
+        self.spawn("readdirplus", req, ino.0, async move {
+            match fs.readdirplus(ino.0, fh.0, offset, READDIRPLUS_BATCH).await {
+                Ok(entries) => {
+                    let mut sent = true;
+                    for (next, name, f) in entries {
+                        let dots = name == "." || name == "..";
+                        if sent {
+                            let attr = file_attr(&f.attr);
+                            let ttl = f.entry_ttl.min(f.attr.ttl);
+                            sent = !reply.add(
+                                INodeNo(f.attr.ino),
+                                next,
+                                &name,
+                                &ttl,
+                                &attr,
+                                Generation(0),
+                            );
+                        }
+                        if !sent && !dots {
+                            // Not sent: the kernel holds no reference to it.
+                            fs.forget(f.attr.ino, 1);
+                        }
+                    }
+                    reply.ok();
+                }
+                Err(e) => reply.error(failed("readdirplus", ino.0, &e)),
+            }
+        });
     }
 
     fn releasedir(
@@ -470,8 +534,18 @@ pub fn mount(
     };
     cfg.n_threads = Some(config.threads.max(1));
     cfg.clone_fd = config.threads > 1;
-    let mut session =
-        Session::new(Adapter { fs, rt }, point, &cfg).map_err(MountError::io(point))?;
+    let adapter = Adapter {
+        fs: Arc::clone(&fs),
+        rt,
+    };
+    let mut session = Session::new(adapter, point, &cfg).map_err(MountError::io(point))?;
+    let notifier = session.notifier();
+    fs.set_invalidator(move |parent, name| {
+        // ENOENT: the kernel had already dropped the name.
+        if let Err(e) = notifier.inval_entry(INodeNo(parent), OsStr::new(name)) {
+            tracing::debug!("dropping the kernel's entry {name:?} in inode {parent}: {e}");
+        }
+    });
     let unmounter = session.unmount_callable();
     let (tx, done) = oneshot::channel();
     std::thread::Builder::new()

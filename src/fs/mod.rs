@@ -13,43 +13,43 @@
 //!
 //! Guarantees:
 //! - Metadata comes from manifests only: no file data is fetched for `lookup`, `getattr`,
-//!   `readdir` or `readlink`.
-//! - An inode below a pod stands for one path of one *version*, so its attributes and bytes never
-//!   change: `POD/x` resolves to the inode of `x` in the latest version at lookup time. A handle
-//!   keeps reading the version it was opened on, whatever `POD/` shows later.
-//! - Pod and version listings are fetched at most once per [`FsConfig::refresh`]; a manifest is
-//!   fetched once per (remote, pod, version) and kept (decoded, behind an `Arc`).
+//!   `readdir` or `readlink`; the root, remote, pod and version directories need no manifest.
+//! - An inode below a pod stands for one path of one version of one *generation* of the pod,
+//!   so its attributes and bytes never change: `POD/x` resolves to the inode of `x` in the
+//!   latest version at lookup time, and a handle keeps reading the version it was opened on.
+//! - A pod's versions are listed at most once per [`FsConfig::refresh`]; each listing also
+//!   checks that a version this mount read is still the same object ([`Remote::version_id`]).
+//!   If not, the pod was deleted and saved again: it becomes a new generation (new inodes, its
+//!   manifests fetched again) and the kernel is told to drop its cached names
+//!   ([`PodFs::set_invalidator`]). A manifest is fetched once per generation and version.
 //!
 //! Locks: every `Mutex` here guards a map and is held only for a lookup or an insert, never
 //! across an `.await`; no two are held at once.
 
 pub mod error;
 pub mod fuse;
+mod inodes;
 pub mod mountpoint;
+mod read;
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use tokio::sync::OnceCell;
 
-use bytes::BytesMut;
-
-use crate::cache::{BlockCache, BlockKey};
+use crate::cache::BlockCache;
 use crate::name::PodName;
-use crate::pod::PodError;
-use crate::pod::blocks::{block_checked, block_range, block_size, verify_block};
-use crate::pod::manifest::{Entry, Kind, Method, VersionObject};
-use crate::pod::read::{read_range, read_stored, read_version};
+use crate::pod::manifest::{Entry, Kind, VersionObject};
+use crate::pod::read::read_version;
 use crate::remote::Remote;
 pub use error::{FsError, FsResult};
-
-/// The inode of the mount's root directory.
-pub const ROOT_INO: u64 = 1;
+pub use inodes::ROOT_INO;
+use inodes::{InodeTable, Node};
+use read::{OpenFile, Reader};
 
 /// Name of the hidden directory of every version of a pod.
 pub const VERSIONS_DIR: &str = ".versions";
@@ -101,8 +101,15 @@ pub struct Attr {
     pub mtime: SystemTime,
     pub uid: u32,
     pub gid: u32,
-    /// How long the kernel may cache these attributes and the name that led to them.
+    /// How long the kernel may cache these attributes.
     pub ttl: Duration,
+}
+
+/// A name found in a directory: its attributes, and how long the kernel may keep the name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Found {
+    pub attr: Attr,
+    pub entry_ttl: Duration,
 }
 
 /// One entry of a directory listing.
@@ -113,85 +120,40 @@ pub struct DirEntry {
     pub name: String,
 }
 
-/// What an open file handle reads: one file of one version, fixed at `open`.
+/// One entry of an open directory's snapshot: numbered only when it is sent.
+#[derive(Debug, Clone)]
+struct Listed {
+    node: Node,
+    kind: FileKind,
+    name: String,
+}
+
+/// The pods of a remote with their latest version, listed at `at`.
 #[derive(Debug)]
-pub struct OpenFile {
-    remote: Arc<dyn Remote>,
-    /// The remote's configured name: part of every cache key.
-    remote_name: String,
-    pod: PodName,
-    version: u64,
-    entry: Entry,
-    /// The identity of the state object holding the file's bytes (none: never cached).
-    state_id: Option<String>,
-}
-
-/// What an inode stands for. Remotes are indexes into [`PodFs::remotes`].
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum Node {
-    Root,
-    Remote(usize),
-    /// `REMOTE/POD/`: the latest version's root, whichever that is now.
-    Pod(usize, PodName),
-    /// `POD/.versions/`.
-    Versions(usize, PodName),
-    /// `POD/.versions/latest`.
-    LatestLink(usize, PodName),
-    /// `path` of `version` (`""`: the version's root, `.versions/N/`).
-    Path {
-        remote: usize,
-        pod: PodName,
-        version: u64,
-        path: String,
-    },
-}
-
-/// Inode numbers for nodes, handed out on first sight and kept for the life of the mount (the
-/// kernel's `forget` is not tracked yet: the table grows with the paths visited).
-#[derive(Debug, Default)]
-struct InodeTable {
-    /// `nodes[i]` has inode `i + 1`.
-    nodes: Vec<Node>,
-    by_node: HashMap<Node, u64>,
-}
-
-impl InodeTable {
-    fn new() -> Self {
-        let mut t = Self::default();
-        t.ino(Node::Root);
-        t
-    }
-
-    fn ino(&mut self, node: Node) -> u64 {
-        if let Some(&ino) = self.by_node.get(&node) {
-            return ino;
-        }
-        self.nodes.push(node.clone());
-        let ino = self.nodes.len() as u64;
-        self.by_node.insert(node, ino);
-        ino
-    }
-
-    fn node(&self, ino: u64) -> Option<Node> {
-        let i = usize::try_from(ino.checked_sub(1)?).ok()?;
-        self.nodes.get(i).cloned()
-    }
-}
-
-/// A listing fetched at `at`.
-#[derive(Debug)]
-struct Listing<T> {
+struct PodList {
     at: Instant,
-    value: Arc<T>,
+    pods: Arc<Vec<(PodName, u64)>>,
 }
 
-type ManifestKey = (usize, PodName, u64);
-type VersionList = Listing<Vec<u64>>;
-/// The pods of a remote with their latest version.
-type PodList = Vec<(PodName, u64)>;
+/// What the mount knows of one pod.
+#[derive(Debug)]
+struct PodState {
+    /// When `versions` was listed.
+    at: Instant,
+    /// Changes when the pod is found replaced (deleted and saved again); part of every inode
+    /// and manifest key below the pod.
+    generation: u64,
+    /// Committed versions, ascending.
+    versions: Arc<Vec<u64>>,
+    /// A version whose manifest this generation holds, with the object identity it had.
+    known: Option<(u64, String)>,
+}
+
+type ManifestKey = (usize, PodName, u64, u64);
+/// Tells the kernel to forget the name `.1` in directory inode `.0` (and all below it).
+type Invalidator = Arc<dyn Fn(u64, &str) + Send + Sync>;
 
 /// The file system of one mount. Cheap to share: hold it in an `Arc`.
-#[derive(Debug)]
 pub struct PodFs {
     config: FsConfig,
     /// The remotes shown at the root, in this order, by name.
@@ -199,15 +161,26 @@ pub struct PodFs {
     /// Shown as the mtime of the synthetic directories.
     started: SystemTime,
     inodes: Mutex<InodeTable>,
-    pods: Mutex<HashMap<usize, Listing<PodList>>>,
-    versions: Mutex<HashMap<(usize, PodName), VersionList>>,
+    pod_lists: Mutex<HashMap<usize, PodList>>,
+    pods: Mutex<HashMap<(usize, PodName), PodState>>,
+    /// Source of generations: unique over the mount's life.
+    generations: AtomicU64,
     /// One cell per version: concurrent first readers wait for one fetch.
     manifests: Mutex<HashMap<ManifestKey, Arc<OnceCell<Arc<VersionObject>>>>>,
     files: Mutex<HashMap<u64, Arc<OpenFile>>>,
-    dirs: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
+    dirs: Mutex<HashMap<u64, Arc<Vec<Listed>>>>,
     next_handle: AtomicU64,
-    /// Fetched blocks (memory and disk), if the mount has a cache.
-    cache: Option<Arc<BlockCache>>,
+    reader: Reader,
+    invalidate: OnceLock<Invalidator>,
+}
+
+impl std::fmt::Debug for PodFs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PodFs")
+            .field("config", &self.config)
+            .field("remotes", &self.remotes)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Locks `m`; a poisoned lock only means another operation panicked while holding it, and every
@@ -223,20 +196,29 @@ impl PodFs {
             remotes,
             started: SystemTime::now(),
             inodes: Mutex::new(InodeTable::new()),
+            pod_lists: Mutex::default(),
             pods: Mutex::default(),
-            versions: Mutex::default(),
+            generations: AtomicU64::new(1),
             manifests: Mutex::default(),
             files: Mutex::default(),
             dirs: Mutex::default(),
             next_handle: AtomicU64::new(1),
-            cache: None,
+            reader: Reader::new(None),
+            invalidate: OnceLock::new(),
         }
     }
 
     /// Reads file bytes through `cache` (memory and disk), verified on the way in and out.
     pub fn with_cache(mut self, cache: Arc<BlockCache>) -> Self {
-        self.cache = Some(cache);
+        self.reader = Reader::new(Some(cache));
         self
+    }
+
+    /// Sets how to tell the kernel that a name it caches is gone (the FUSE session's
+    /// notifier). It is called from a blocking task, never from inside an operation.
+    pub fn set_invalidator(&self, f: impl Fn(u64, &str) + Send + Sync + 'static) {
+        // Set once, when the session starts; a second session of one PodFs does not happen.
+        let _ = self.invalidate.set(Arc::new(f));
     }
 
     fn ino(&self, node: Node) -> u64 {
@@ -245,6 +227,16 @@ impl PodFs {
 
     fn node(&self, ino: u64) -> FsResult<Node> {
         lock(&self.inodes).node(ino).ok_or(FsError::NotFound)
+    }
+
+    /// The kernel dropped `n` references to `ino`.
+    pub fn forget(&self, ino: u64, n: u64) {
+        lock(&self.inodes).forget(ino, n);
+    }
+
+    /// Inodes the mount keeps now.
+    pub fn inode_count(&self) -> usize {
+        lock(&self.inodes).len()
     }
 
     fn remote(&self, r: usize) -> FsResult<&Arc<dyn Remote>> {
@@ -258,69 +250,132 @@ impl PodFs {
             .ok_or(FsError::NotFound)
     }
 
-    /// The pods of remote `r` with their latest version, listed at most once per refresh.
-    async fn pods(&self, r: usize) -> FsResult<Arc<PodList>> {
-        if let Some(l) = lock(&self.pods).get(&r)
+    /// The pods of remote `r`, listed at most once per refresh (only to list the remote's
+    /// directory: a pod itself is found through [`PodFs::pod`]).
+    async fn pod_list(&self, r: usize) -> FsResult<Arc<Vec<(PodName, u64)>>> {
+        if let Some(l) = lock(&self.pod_lists).get(&r)
             && l.at.elapsed() < self.config.refresh
         {
-            return Ok(Arc::clone(&l.value));
+            return Ok(Arc::clone(&l.pods));
         }
-        let value = Arc::new(self.remote(r)?.list_pods().await?);
+        let pods = Arc::new(self.remote(r)?.list_pods().await?);
         let at = Instant::now();
-        lock(&self.pods).insert(
-            r,
-            Listing {
-                at,
-                value: Arc::clone(&value),
-            },
-        );
-        Ok(value)
+        let list = PodList {
+            at,
+            pods: Arc::clone(&pods),
+        };
+        lock(&self.pod_lists).insert(r, list);
+        Ok(pods)
     }
 
-    /// The latest version of `pod` on remote `r`, as last listed.
-    async fn latest(&self, r: usize, pod: &PodName) -> FsResult<u64> {
-        let pods = self.pods(r).await?;
-        pods.iter()
-            .find(|(p, _)| p == pod)
-            .map(|&(_, v)| v)
-            .ok_or(FsError::NotFound)
-    }
-
-    /// The versions of `pod` on remote `r`, ascending, listed at most once per refresh.
-    async fn versions(&self, r: usize, pod: &PodName) -> FsResult<Arc<Vec<u64>>> {
+    /// The generation and versions (ascending) of `pod` on remote `r`, listed at most once per
+    /// refresh. A listing also checks the identity of the version this generation knows: if
+    /// that version is gone or is another object now, the pod was replaced and gets a new
+    /// generation.
+    async fn pod(&self, r: usize, pod: &PodName) -> FsResult<(u64, Arc<Vec<u64>>)> {
         let key = (r, pod.clone());
-        if let Some(l) = lock(&self.versions).get(&key)
-            && l.at.elapsed() < self.config.refresh
-        {
-            return Ok(Arc::clone(&l.value));
-        }
-        let value = Arc::new(self.remote(r)?.list_versions(pod).await?);
+        let known = match lock(&self.pods).get(&key) {
+            Some(s) if s.at.elapsed() < self.config.refresh => {
+                return Ok((s.generation, Arc::clone(&s.versions)));
+            }
+            Some(s) => s.known.clone(),
+            None => None,
+        };
+        let remote = self.remote(r)?;
+        let versions = Arc::new(remote.list_versions(pod).await?);
+        let replaced = match &known {
+            Some((v, id)) if versions.contains(v) => {
+                remote.version_id(pod, *v).await?.as_ref() != Some(id)
+            }
+            Some(_) => true,
+            None => false,
+        };
         let at = Instant::now();
-        lock(&self.versions).insert(
-            key,
-            Listing {
-                at,
-                value: Arc::clone(&value),
-            },
-        );
-        Ok(value)
+        let mut pods = lock(&self.pods);
+        let state = pods.entry(key).or_insert_with(|| PodState {
+            at,
+            generation: self.generations.fetch_add(1, Ordering::Relaxed),
+            versions: Arc::clone(&versions),
+            known: None,
+        });
+        // Unless another listing found the replacement first.
+        let replaced = replaced && state.known == known;
+        let old = state.generation;
+        if replaced {
+            state.generation = self.generations.fetch_add(1, Ordering::Relaxed);
+            state.known = None;
+        }
+        state.at = at;
+        state.versions = Arc::clone(&versions);
+        let generation = state.generation;
+        drop(pods);
+        if replaced {
+            self.replaced(r, pod, old);
+        }
+        Ok((generation, versions))
     }
 
-    /// The decoded version object of `version`, fetched once and kept.
+    /// Forgets generation `old` of `pod`: its manifests, and the kernel's names below the pod.
+    fn replaced(&self, r: usize, pod: &PodName, old: u64) {
+        let remote = self.remote_name(r).unwrap_or_default();
+        tracing::info!(
+            remote,
+            pod = %pod,
+            "pod {pod} was deleted and saved again: showing the new one"
+        );
+        lock(&self.manifests).retain(|(mr, mp, mg, _), _| !(*mr == r && mp == pod && *mg == old));
+        let parent = lock(&self.inodes).find(&Node::Remote(r));
+        if let (Some(parent), Some(f)) = (parent, self.invalidate.get()) {
+            let f = Arc::clone(f);
+            let name = pod.as_str().to_owned();
+            // Not from the operation itself: the kernel may hold the directory's lock until
+            // that operation is answered.
+            tokio::task::spawn_blocking(move || f(parent, &name));
+        }
+    }
+
+    /// The generation and latest version of `pod` on remote `r`.
+    async fn latest(&self, r: usize, pod: &PodName) -> FsResult<(u64, u64)> {
+        let (generation, versions) = self.pod(r, pod).await?;
+        let latest = versions.last().copied().ok_or(FsError::NotFound)?;
+        Ok((generation, latest))
+    }
+
+    /// The decoded version object of `version` of generation `generation` of `pod`, fetched
+    /// once and kept. An older generation's inodes get [`FsError::Stale`].
     async fn manifest(
         &self,
         r: usize,
         pod: &PodName,
+        generation: u64,
         version: u64,
     ) -> FsResult<Arc<VersionObject>> {
+        let current = lock(&self.pods)
+            .get(&(r, pod.clone()))
+            .map(|s| s.generation);
+        if current != Some(generation) {
+            return Err(FsError::Stale);
+        }
         let cell = Arc::clone(
             lock(&self.manifests)
-                .entry((r, pod.clone(), version))
+                .entry((r, pod.clone(), generation, version))
                 .or_default(),
         );
         let remote = self.remote(r)?;
         let obj = cell
-            .get_or_try_init(|| async { read_version(&**remote, pod, version).await.map(Arc::new) })
+            .get_or_try_init(|| async {
+                // The identity first: a replacement between the two reads is then noticed by
+                // the next listing (as a spurious one at worst), never missed.
+                let id = remote.version_id(pod, version).await?;
+                let obj = read_version(&**remote, pod, version).await?;
+                if let Some(id) = id
+                    && let Some(s) = lock(&self.pods).get_mut(&(r, pod.clone()))
+                    && s.generation == generation
+                {
+                    s.known = Some((version, id));
+                }
+                Ok::<_, FsError>(Arc::new(obj))
+            })
             .await?;
         Ok(Arc::clone(obj))
     }
@@ -329,7 +384,7 @@ impl PodFs {
         &self,
         ino: u64,
         perm: u16,
-        subdirs: usize,
+        nlink: usize,
         mtime: SystemTime,
         ttl: Duration,
     ) -> Attr {
@@ -338,7 +393,7 @@ impl PodFs {
             kind: FileKind::Dir,
             size: 0,
             perm,
-            nlink: u32::try_from(subdirs.saturating_add(2)).unwrap_or(u32::MAX),
+            nlink: u32::try_from(nlink).unwrap_or(u32::MAX),
             mtime,
             uid: self.config.uid,
             gid: self.config.gid,
@@ -352,24 +407,18 @@ impl PodFs {
         self.attr_of(ino, &node).await
     }
 
+    /// The attributes of `node`. Only paths inside a version read a manifest; the directories
+    /// above them (root, remotes, pods, `.versions`, version roots) have `nlink` 1, "not
+    /// counted", as on btrfs, so that listing them fetches nothing.
     async fn attr_of(&self, ino: u64, node: &Node) -> FsResult<Attr> {
         let refresh = self.config.refresh;
+        let started = self.started;
         match node {
-            Node::Root => Ok(self.dir_attr(ino, 0o555, self.remotes.len(), self.started, refresh)),
-            Node::Remote(r) => {
-                let pods = self.pods(*r).await?;
-                Ok(self.dir_attr(ino, 0o555, pods.len(), self.started, refresh))
+            Node::Root => Ok(self.dir_attr(ino, 0o555, self.remotes.len() + 2, started, refresh)),
+            Node::Remote(_) | Node::Versions(..) => {
+                Ok(self.dir_attr(ino, 0o555, 1, started, refresh))
             }
-            Node::Pod(r, pod) => {
-                let version = self.latest(*r, pod).await?;
-                let obj = self.manifest(*r, pod, version).await?;
-                let subdirs = subdirs(&obj, "");
-                Ok(self.dir_attr(ino, 0o755, subdirs, self.started, refresh))
-            }
-            Node::Versions(r, pod) => {
-                let versions = self.versions(*r, pod).await?;
-                Ok(self.dir_attr(ino, 0o555, versions.len(), self.started, refresh))
-            }
+            Node::Pod(..) => Ok(self.dir_attr(ino, 0o755, 1, started, refresh)),
             Node::LatestLink(r, pod) => {
                 let target = self.latest_target(*r, pod).await?;
                 Ok(Attr {
@@ -378,23 +427,23 @@ impl PodFs {
                     size: target.len() as u64,
                     perm: 0o777,
                     nlink: 1,
-                    mtime: self.started,
+                    mtime: started,
                     uid: self.config.uid,
                     gid: self.config.gid,
                     ttl: refresh,
                 })
             }
+            Node::Path { path, .. } if path.is_empty() => {
+                Ok(self.dir_attr(ino, 0o755, 1, started, IMMUTABLE_TTL))
+            }
             Node::Path {
                 remote,
                 pod,
+                generation,
                 version,
                 path,
             } => {
-                let obj = self.manifest(*remote, pod, *version).await?;
-                if path.is_empty() {
-                    let subdirs = subdirs(&obj, "");
-                    return Ok(self.dir_attr(ino, 0o755, subdirs, self.started, IMMUTABLE_TTL));
-                }
+                let obj = self.manifest(*remote, pod, *generation, *version).await?;
                 let entry = obj.manifest.get(path).ok_or(FsError::NotFound)?;
                 Ok(self.entry_attr(ino, &obj, entry))
             }
@@ -405,7 +454,10 @@ impl PodFs {
         let mtime = to_system_time(e.mtime, e.mtime_nsec);
         let perm = (e.mode & 0o7777) as u16;
         match e.kind {
-            Kind::Dir => self.dir_attr(ino, perm, subdirs(obj, &e.path), mtime, IMMUTABLE_TTL),
+            Kind::Dir => {
+                let nlink = subdirs(obj, &e.path) + 2;
+                self.dir_attr(ino, perm, nlink, mtime, IMMUTABLE_TTL)
+            }
             Kind::File | Kind::Symlink => Attr {
                 ino,
                 kind: kind_of(e.kind),
@@ -424,22 +476,31 @@ impl PodFs {
     }
 
     async fn latest_target(&self, r: usize, pod: &PodName) -> FsResult<String> {
-        let versions = self.versions(r, pod).await?;
-        versions.last().map(u64::to_string).ok_or(FsError::NotFound)
+        let (_, latest) = self.latest(r, pod).await?;
+        Ok(latest.to_string())
     }
 
-    /// Looks `name` up in directory `parent`: the child's attributes (its inode is `attr.ino`).
-    pub async fn lookup(&self, parent: u64, name: &OsStr) -> FsResult<Attr> {
+    /// How long the kernel may keep a name found in `parent`: a name below `POD/` leads to
+    /// another version's inode once `POD/` moves on; a path of a version is kept long (and
+    /// dropped by the invalidator if its pod is replaced).
+    fn entry_ttl(&self, parent: &Node, attr: &Attr) -> Duration {
+        match parent {
+            Node::Pod(..) => attr.ttl.min(self.config.refresh),
+            _ => attr.ttl,
+        }
+    }
+
+    /// Looks `name` up in directory `parent`: the child's attributes, with one more kernel
+    /// reference to its inode (`attr.ino`).
+    pub async fn lookup(&self, parent: u64, name: &OsStr) -> FsResult<Found> {
         let name = name.to_str().ok_or(FsError::NotFound)?;
         let parent = self.node(parent)?;
         let node = self.child(&parent, name).await?;
         let ino = self.ino(node.clone());
-        let mut attr = self.attr_of(ino, &node).await?;
-        if matches!(parent, Node::Pod(..)) {
-            // The name below `POD/` leads to another version's inode once POD/ moves on.
-            attr.ttl = attr.ttl.min(self.config.refresh);
-        }
-        Ok(attr)
+        let attr = self.attr_of(ino, &node).await?;
+        lock(&self.inodes).looked_up(node);
+        let entry_ttl = self.entry_ttl(&parent, &attr);
+        Ok(Found { attr, entry_ttl })
     }
 
     /// The node `name` stands for in directory `parent`.
@@ -460,21 +521,24 @@ impl PodFs {
                 if name == VERSIONS_DIR {
                     return Ok(Node::Versions(*r, pod.clone()));
                 }
-                let version = self.latest(*r, pod).await?;
-                self.path_child(*r, pod, version, "", name).await
+                let (generation, version) = self.latest(*r, pod).await?;
+                self.path_child(*r, pod, generation, version, "", name)
+                    .await
             }
             Node::Versions(r, pod) => {
                 if name == LATEST_LINK {
-                    self.latest_target(*r, pod).await?;
+                    self.latest(*r, pod).await?;
                     return Ok(Node::LatestLink(*r, pod.clone()));
                 }
                 let version = parse_version(name).ok_or(FsError::NotFound)?;
-                if !self.versions(*r, pod).await?.contains(&version) {
+                let (generation, versions) = self.pod(*r, pod).await?;
+                if !versions.contains(&version) {
                     return Err(FsError::NotFound);
                 }
                 Ok(Node::Path {
                     remote: *r,
                     pod: pod.clone(),
+                    generation,
                     version,
                     path: String::new(),
                 })
@@ -483,9 +547,13 @@ impl PodFs {
             Node::Path {
                 remote,
                 pod,
+                generation,
                 version,
                 path,
-            } => self.path_child(*remote, pod, *version, path, name).await,
+            } => {
+                self.path_child(*remote, pod, *generation, *version, path, name)
+                    .await
+            }
         }
     }
 
@@ -493,11 +561,12 @@ impl PodFs {
         &self,
         r: usize,
         pod: &PodName,
+        generation: u64,
         version: u64,
         dir: &str,
         name: &str,
     ) -> FsResult<Node> {
-        let obj = self.manifest(r, pod, version).await?;
+        let obj = self.manifest(r, pod, generation, version).await?;
         if !dir.is_empty() {
             let e = obj.manifest.get(dir).ok_or(FsError::NotFound)?;
             if e.kind != Kind::Dir {
@@ -509,6 +578,7 @@ impl PodFs {
         Ok(Node::Path {
             remote: r,
             pod: pod.clone(),
+            generation,
             version,
             path,
         })
@@ -521,10 +591,11 @@ impl PodFs {
             Node::Path {
                 remote,
                 pod,
+                generation,
                 version,
                 path,
             } => {
-                let obj = self.manifest(remote, &pod, version).await?;
+                let obj = self.manifest(remote, &pod, generation, version).await?;
                 let e = obj.manifest.get(&path).ok_or(FsError::NotFound)?;
                 e.target.clone().ok_or(FsError::NotASymlink)
             }
@@ -535,51 +606,41 @@ impl PodFs {
     }
 
     /// The entries of directory `ino` (with `.` and `..`), as one snapshot.
-    async fn list(&self, ino: u64) -> FsResult<Vec<DirEntry>> {
+    async fn list(&self, ino: u64) -> FsResult<Vec<Listed>> {
         let node = self.node(ino)?;
-        let mut out = vec![
-            DirEntry {
-                ino,
-                kind: FileKind::Dir,
-                name: ".".into(),
-            },
-            DirEntry {
-                // The kernel answers `..` itself; the number here is not used.
-                ino,
-                kind: FileKind::Dir,
-                name: "..".into(),
-            },
-        ];
-        let dir = |ino, name: &str| DirEntry {
-            ino,
+        let dir = |node: Node, name: &str| Listed {
+            node,
             kind: FileKind::Dir,
             name: name.to_owned(),
         };
+        // The kernel answers `..` itself: the node given for it is not used.
+        let mut out = vec![dir(node.clone(), "."), dir(node.clone(), "..")];
         match node {
             Node::Root => {
                 for (r, (name, _)) in self.remotes.iter().enumerate() {
-                    out.push(dir(self.ino(Node::Remote(r)), name));
+                    out.push(dir(Node::Remote(r), name));
                 }
             }
             Node::Remote(r) => {
-                for (pod, _) in self.pods(r).await?.iter() {
-                    out.push(dir(self.ino(Node::Pod(r, pod.clone())), pod.as_str()));
+                for (pod, _) in self.pod_list(r).await?.iter() {
+                    out.push(dir(Node::Pod(r, pod.clone()), pod.as_str()));
                 }
             }
             Node::Versions(r, pod) => {
-                let versions = self.versions(r, &pod).await?;
-                for v in versions.iter() {
+                let (generation, versions) = self.pod(r, &pod).await?;
+                for &version in versions.iter() {
                     let node = Node::Path {
                         remote: r,
                         pod: pod.clone(),
-                        version: *v,
+                        generation,
+                        version,
                         path: String::new(),
                     };
-                    out.push(dir(self.ino(node), &v.to_string()));
+                    out.push(dir(node, &version.to_string()));
                 }
                 if !versions.is_empty() {
-                    out.push(DirEntry {
-                        ino: self.ino(Node::LatestLink(r, pod.clone())),
+                    out.push(Listed {
+                        node: Node::LatestLink(r, pod.clone()),
                         kind: FileKind::Symlink,
                         name: LATEST_LINK.into(),
                     });
@@ -587,17 +648,19 @@ impl PodFs {
             }
             Node::LatestLink(..) => return Err(FsError::NotADirectory),
             Node::Pod(r, pod) => {
-                let version = self.latest(r, &pod).await?;
-                self.list_path(r, &pod, version, "", &mut out).await?;
+                let (generation, version) = self.latest(r, &pod).await?;
+                self.list_path(r, &pod, generation, version, "", &mut out)
+                    .await?;
             }
             Node::Path {
                 remote,
                 pod,
+                generation,
                 version,
                 path,
             } => {
-                self.list_path(remote, &pod, version, &path, &mut out)
-                    .await?
+                self.list_path(remote, &pod, generation, version, &path, &mut out)
+                    .await?;
             }
         }
         Ok(out)
@@ -607,11 +670,12 @@ impl PodFs {
         &self,
         r: usize,
         pod: &PodName,
+        generation: u64,
         version: u64,
         dir: &str,
-        out: &mut Vec<DirEntry>,
+        out: &mut Vec<Listed>,
     ) -> FsResult<()> {
-        let obj = self.manifest(r, pod, version).await?;
+        let obj = self.manifest(r, pod, generation, version).await?;
         if !dir.is_empty() && obj.manifest.get(dir).map(|e| e.kind) != Some(Kind::Dir) {
             return Err(FsError::NotADirectory);
         }
@@ -621,14 +685,14 @@ impl PodFs {
             if dir.is_empty() && name == VERSIONS_DIR {
                 continue;
             }
-            let node = Node::Path {
-                remote: r,
-                pod: pod.clone(),
-                version,
-                path: e.path.clone(),
-            };
-            out.push(DirEntry {
-                ino: self.ino(node),
+            out.push(Listed {
+                node: Node::Path {
+                    remote: r,
+                    pod: pod.clone(),
+                    generation,
+                    version,
+                    path: e.path.clone(),
+                },
                 kind: kind_of(e.kind),
                 name: name.to_owned(),
             });
@@ -640,7 +704,8 @@ impl PodFs {
         self.next_handle.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Opens directory `ino`: its listing is taken now and served by [`PodFs::readdir`].
+    /// Opens directory `ino`: its listing is taken now and served by [`PodFs::readdir`] and
+    /// [`PodFs::readdirplus`].
     pub async fn opendir(&self, ino: u64) -> FsResult<u64> {
         let entries = self.list(ino).await?;
         let fh = self.handle();
@@ -648,19 +713,63 @@ impl PodFs {
         Ok(fh)
     }
 
-    /// The entries of open directory `fh` from `offset` on, each with the offset of the next.
-    pub fn readdir(&self, fh: u64, offset: u64) -> FsResult<Vec<(u64, DirEntry)>> {
-        let entries = lock(&self.dirs)
+    fn listing(&self, fh: u64) -> FsResult<Arc<Vec<Listed>>> {
+        lock(&self.dirs)
             .get(&fh)
             .cloned()
-            .ok_or(FsError::BadHandle(fh))?;
+            .ok_or(FsError::BadHandle(fh))
+    }
+
+    /// The entries of open directory `fh` from `offset` on, each with the offset of the next.
+    pub fn readdir(&self, fh: u64, offset: u64) -> FsResult<Vec<(u64, DirEntry)>> {
+        let entries = self.listing(fh)?;
         let skip = usize::try_from(offset).unwrap_or(usize::MAX);
         Ok(entries
             .iter()
             .enumerate()
             .skip(skip)
-            .map(|(i, e)| (i as u64 + 1, e.clone()))
+            .map(|(i, e)| {
+                let entry = DirEntry {
+                    ino: self.ino(e.node.clone()),
+                    kind: e.kind,
+                    name: e.name.clone(),
+                };
+                (i as u64 + 1, entry)
+            })
             .collect())
+    }
+
+    /// Up to `max` entries of open directory `fh` from `offset` on, with their attributes,
+    /// each with the offset of the next. Each entry but `.` and `..` is a kernel reference
+    /// (as a lookup): the caller must [`forget`](PodFs::forget) those it does not send.
+    pub async fn readdirplus(
+        &self,
+        dir: u64,
+        fh: u64,
+        offset: u64,
+        max: usize,
+    ) -> FsResult<Vec<(u64, String, Found)>> {
+        let entries = self.listing(fh)?;
+        let parent = self.node(dir)?;
+        let skip = usize::try_from(offset).unwrap_or(usize::MAX);
+        let mut out = Vec::new();
+        for (i, e) in entries.iter().enumerate().skip(skip).take(max) {
+            let dots = e.name == "." || e.name == "..";
+            let ino = if dots { dir } else { self.ino(e.node.clone()) };
+            let node = if dots { &parent } else { &e.node };
+            let attr = match self.attr_of(ino, node).await {
+                Ok(a) => a,
+                // Gone since the listing (a pod replaced): left out, as a name gone since.
+                Err(FsError::Stale | FsError::NotFound) if !dots => continue,
+                Err(e) => return Err(e),
+            };
+            if !dots {
+                lock(&self.inodes).looked_up(e.node.clone());
+            }
+            let entry_ttl = self.entry_ttl(&parent, &attr);
+            out.push((i as u64 + 1, e.name.clone(), Found { attr, entry_ttl }));
+        }
+        Ok(out)
     }
 
     pub fn releasedir(&self, fh: u64) {
@@ -675,13 +784,14 @@ impl PodFs {
         let Node::Path {
             remote,
             pod,
+            generation,
             version,
             path,
         } = self.node(ino)?
         else {
             return Err(FsError::ReadOnly("opening this node"));
         };
-        let obj = self.manifest(remote, &pod, version).await?;
+        let obj = self.manifest(remote, &pod, generation, version).await?;
         let entry = obj.manifest.get(&path).ok_or(FsError::NotFound)?;
         if entry.kind != Kind::File {
             return Err(FsError::NotFound);
@@ -691,14 +801,14 @@ impl PodFs {
             .as_ref()
             .and_then(|d| obj.state_id(d.state))
             .map(str::to_owned);
-        let file = OpenFile {
-            remote: Arc::clone(self.remote(remote)?),
-            remote_name: self.remote_name(remote)?.to_owned(),
+        let file = OpenFile::new(
+            Arc::clone(self.remote(remote)?),
+            self.remote_name(remote)?.to_owned(),
             pod,
             version,
-            entry: entry.clone(),
+            entry.clone(),
             state_id,
-        };
+        );
         let fh = self.handle();
         lock(&self.files).insert(fh, Arc::new(file));
         Ok(fh)
@@ -711,90 +821,7 @@ impl PodFs {
             .cloned()
             .ok_or(FsError::BadHandle(fh))?;
         let end = offset.saturating_add(u64::from(size));
-        self.fetch_range(&file, offset..end).await
-    }
-
-    /// Where every file byte comes from. With a block cache (and a state identity to key it
-    /// on), a stored file is read in whole blocks and a deflated one whole, each through the
-    /// cache and checked against the manifest on the way in and on the way back from disk.
-    async fn fetch_range(&self, file: &OpenFile, range: Range<u64>) -> FsResult<Bytes> {
-        let entry = &file.entry;
-        let (Some(cache), Some(data), Some(state_id)) =
-            (&self.cache, &entry.data, file.state_id.as_deref())
-        else {
-            return Ok(read_range(&*file.remote, &file.pod, file.version, entry, range).await?);
-        };
-        let end = range.end.min(entry.size);
-        if range.start >= end {
-            return Ok(Bytes::new());
-        }
-        let key = |offset: u64, len: u64| {
-            BlockKey::new(&file.remote_name, &file.pod, Some(state_id), offset, len)
-        };
-        if data.method == Method::Deflate {
-            // Small files: fetched and inflated (which checks them) once, kept whole.
-            let fetch = read_range(&*file.remote, &file.pod, file.version, entry, 0..entry.size);
-            let whole = match key(data.offset, data.csize) {
-                Some(k) => {
-                    let check = |b: &[u8]| self.check_whole(file, b);
-                    cache.get_or_fetch(&k, fetch, check).await?
-                }
-                None => fetch.await?,
-            };
-            return Ok(whole.slice(range.start as usize..end as usize));
-        }
-        // Blocks come unchecked from the remote: the cache runs `check_block` on each once,
-        // whether it came from the remote or from disk.
-        let fetch = |r: Range<u64>| read_stored(&*file.remote, &file.pod, file.version, entry, r);
-        let b = block_size(entry);
-        let mut out = BytesMut::with_capacity((end - range.start) as usize);
-        for i in range.start / b..end.div_ceil(b) {
-            let r = (i * b)..((i + 1) * b).min(entry.size);
-            let bytes = match key(data.offset + r.start, r.end - r.start) {
-                Some(k) => {
-                    let check = |bytes: &[u8]| self.check_block(file, i, bytes);
-                    cache.get_or_fetch(&k, fetch(r.clone()), check).await?
-                }
-                None => {
-                    let bytes = fetch(r.clone()).await?;
-                    self.check_block(file, i, &bytes)?;
-                    bytes
-                }
-            };
-            let from = range.start.max(r.start) - r.start;
-            let to = end.min(r.end) - r.start;
-            out.extend_from_slice(&bytes[from as usize..to as usize]);
-        }
-        Ok(out.freeze())
-    }
-
-    /// Checks block `i` of an open file: its CRC-32C where the manifest has one, else its length.
-    fn check_block(&self, file: &OpenFile, i: u64, bytes: &[u8]) -> Result<(), PodError> {
-        let entry = &file.entry;
-        let r = block_range(entry, i);
-        let ok = if block_checked(entry) {
-            verify_block(entry, i, bytes).is_ok()
-        } else {
-            bytes.len() as u64 == r.end - r.start
-        };
-        ok.then_some(()).ok_or_else(|| PodError::Corrupt {
-            pod: file.pod.to_string(),
-            version: file.version,
-            reason: format!("{:?}: bytes {}..{} are damaged", entry.path, r.start, r.end),
-        })
-    }
-
-    /// Checks a whole (deflated, small) file against its size and CRC-32.
-    fn check_whole(&self, file: &OpenFile, bytes: &[u8]) -> Result<(), PodError> {
-        let entry = &file.entry;
-        let crc = entry.data.as_ref().map(|d| d.crc32);
-        (bytes.len() as u64 == entry.size && Some(crc32fast::hash(bytes)) == crc)
-            .then_some(())
-            .ok_or_else(|| PodError::Corrupt {
-                pod: file.pod.to_string(),
-                version: file.version,
-                reason: format!("{:?}: the data is damaged (CRC-32 mismatch)", entry.path),
-            })
+        file.read(&self.reader, offset..end).await
     }
 
     pub fn release(&self, fh: u64) {
@@ -888,14 +915,14 @@ mod tests {
             },
         );
         assert_eq!(names(&fs, ROOT_INO).await, [".", "..", "mem"]);
-        let r = fs.lookup(ROOT_INO, OsStr::new("mem")).await.unwrap();
-        let p = fs.lookup(r.ino, OsStr::new("p")).await.unwrap();
+        let r = fs.lookup(ROOT_INO, OsStr::new("mem")).await.unwrap().attr;
+        let p = fs.lookup(r.ino, OsStr::new("p")).await.unwrap().attr;
         assert_eq!(names(&fs, p.ino).await, [".", "..", "a.txt", "d", "link"]);
-        let a = fs.lookup(p.ino, OsStr::new("a.txt")).await.unwrap();
+        let a = fs.lookup(p.ino, OsStr::new("a.txt")).await.unwrap().attr;
         assert_eq!((a.kind, a.size), (FileKind::File, 3));
-        let l = fs.lookup(p.ino, OsStr::new("link")).await.unwrap();
+        let l = fs.lookup(p.ino, OsStr::new("link")).await.unwrap().attr;
         assert_eq!(fs.readlink(l.ino).await.unwrap(), "a.txt");
-        let d = fs.lookup(p.ino, OsStr::new("d")).await.unwrap();
+        let d = fs.lookup(p.ino, OsStr::new("d")).await.unwrap().attr;
         assert_eq!((d.kind, d.nlink), (FileKind::Dir, 2));
         assert!(matches!(
             fs.lookup(a.ino, OsStr::new("x")).await,
@@ -909,19 +936,19 @@ mod tests {
         // A handle keeps its version once POD/ moves on.
         let fh = fs.open(a.ino, false).await.unwrap();
         save_tree(&*remote, &pod, &[("a.txt", b"two!"), ("d/b.txt", b"bee")]).await;
-        let a2 = fs.lookup(p.ino, OsStr::new("a.txt")).await.unwrap();
+        let a2 = fs.lookup(p.ino, OsStr::new("a.txt")).await.unwrap().attr;
         assert_ne!(a.ino, a2.ino, "a new version is a new inode");
         assert_eq!(&fs.read(fh, 0, 100).await.unwrap()[..], b"one");
         let fh2 = fs.open(a2.ino, false).await.unwrap();
         assert_eq!(&fs.read(fh2, 1, 2).await.unwrap()[..], b"wo");
 
-        let v = fs.lookup(p.ino, OsStr::new(VERSIONS_DIR)).await.unwrap();
+        let v = fs.lookup(p.ino, OsStr::new(VERSIONS_DIR)).await.unwrap().attr;
         assert!(!names(&fs, p.ino).await.contains(&VERSIONS_DIR.to_owned()));
         assert_eq!(names(&fs, v.ino).await, [".", "..", "1", "2", "latest"]);
-        let latest = fs.lookup(v.ino, OsStr::new(LATEST_LINK)).await.unwrap();
+        let latest = fs.lookup(v.ino, OsStr::new(LATEST_LINK)).await.unwrap().attr;
         assert_eq!(fs.readlink(latest.ino).await.unwrap(), "2");
-        let v1 = fs.lookup(v.ino, OsStr::new("1")).await.unwrap();
-        let a1 = fs.lookup(v1.ino, OsStr::new("a.txt")).await.unwrap();
+        let v1 = fs.lookup(v.ino, OsStr::new("1")).await.unwrap().attr;
+        let a1 = fs.lookup(v1.ino, OsStr::new("a.txt")).await.unwrap().attr;
         assert_eq!(a1.ino, a.ino, "one inode per path of a version");
         for missing in ["3", "01", "0", "x"] {
             assert!(matches!(
@@ -929,6 +956,44 @@ mod tests {
                 Err(FsError::NotFound)
             ));
         }
+    }
+
+    #[tokio::test]
+    async fn a_pod_deleted_and_saved_again_is_a_new_generation() {
+        let remote: Arc<dyn Remote> = Arc::new(MemoryRemote::new());
+        let pod = PodName::new("p").unwrap();
+        save_tree(&*remote, &pod, &[("a.txt", b"one")]).await;
+        let config = FsConfig {
+            refresh: Duration::ZERO,
+            ..FsConfig::default()
+        };
+        let fs = PodFs::new(vec![("mem".into(), Arc::clone(&remote))], config);
+        let r = fs.lookup(ROOT_INO, OsStr::new("mem")).await.unwrap().attr;
+        let p = fs.lookup(r.ino, OsStr::new("p")).await.unwrap().attr;
+        let a = fs.lookup(p.ino, OsStr::new("a.txt")).await.unwrap().attr;
+        let v = fs.lookup(p.ino, OsStr::new(VERSIONS_DIR)).await.unwrap().attr;
+        let v1 = fs.lookup(v.ino, OsStr::new("1")).await.unwrap().attr;
+        let fh = fs.open(a.ino, false).await.unwrap();
+        assert_eq!(&fs.read(fh, 0, 100).await.unwrap()[..], b"one");
+
+        crate::pod::delete::delete(&*remote, &pod, None).await.unwrap();
+        save_tree(&*remote, &pod, &[("a.txt", b"other")]).await;
+        assert_eq!(remote.list_versions(&pod).await.unwrap(), [1], "the number is reused");
+
+        let a2 = fs.lookup(p.ino, OsStr::new("a.txt")).await.unwrap().attr;
+        assert_ne!(a2.ino, a.ino);
+        assert_eq!(a2.size, 5);
+        let fh2 = fs.open(a2.ino, false).await.unwrap();
+        assert_eq!(&fs.read(fh2, 0, 100).await.unwrap()[..], b"other");
+        let v1b = fs.lookup(v.ino, OsStr::new("1")).await.unwrap().attr;
+        assert_ne!(v1b.ino, v1.ino, ".versions/1 is another directory now");
+        let a1 = fs.lookup(v1b.ino, OsStr::new("a.txt")).await.unwrap().attr;
+        assert_eq!(a1.ino, a2.ino);
+        assert!(matches!(fs.getattr(a.ino).await, Err(FsError::Stale)));
+        assert!(matches!(
+            fs.lookup(v1.ino, OsStr::new("a.txt")).await,
+            Err(FsError::Stale)
+        ));
     }
 
     #[test]

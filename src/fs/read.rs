@@ -1,0 +1,260 @@
+//! Reading an open file: whole blocks through the block cache, each checked before it is
+//! returned, and a read-ahead window that grows while a handle reads in order.
+//!
+//! - A stored (large) file is read in blocks of its manifest's block size. Sequential reads of
+//!   one handle start a read-ahead of [`FIRST_WINDOW`] past the read, doubling with each
+//!   sequential read up to [`MAX_WINDOW`]; its blocks are fetched in parallel, each as its own
+//!   range request, through the cache (a read that needs a block being read ahead waits for
+//!   that fetch instead of starting another). A read elsewhere in the file resets the window
+//!   and reads ahead nothing, so a random read fetches only its own blocks.
+//! - A deflated (small) file is fetched and inflated once, then served from the cache.
+//! - Pods saved before block checksums: a large file's blocks are checked for length only, and
+//!   the whole-file CRC-32 when one handle has read it from start to end in order.
+
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::Semaphore;
+
+use super::FsResult;
+use super::lock;
+use crate::cache::{BlockCache, BlockKey};
+use crate::name::PodName;
+use crate::pod::PodError;
+use crate::pod::blocks::{WholeFileCheck, block_checked, block_range, block_size, verify_block};
+use crate::pod::manifest::{Entry, Method};
+use crate::pod::read::{read_range, read_stored};
+use crate::remote::Remote;
+
+/// The read-ahead window after the first sequential read.
+pub const FIRST_WINDOW: u64 = 1 << 20;
+/// The read-ahead window's cap.
+pub const MAX_WINDOW: u64 = 16 << 20;
+/// Read-ahead range requests in flight at once, over all files of a mount.
+pub const MAX_READ_AHEAD_REQUESTS: usize = 64;
+
+/// What an open file handle reads: one file of one version, fixed at `open`.
+#[derive(Debug)]
+pub struct OpenFile {
+    pub(super) remote: Arc<dyn Remote>,
+    /// The remote's configured name: part of every cache key.
+    pub(super) remote_name: String,
+    pub(super) pod: PodName,
+    pub(super) version: u64,
+    pub(super) entry: Entry,
+    /// The identity of the state object holding the file's bytes (none: never cached).
+    pub(super) state_id: Option<String>,
+    stream: Mutex<Stream>,
+    /// The whole-file CRC-32 check of a large file without block checksums.
+    whole: Mutex<Option<WholeFileCheck>>,
+}
+
+/// Where a handle's reads stand, for read-ahead.
+#[derive(Debug)]
+struct Stream {
+    /// Where the last read ended: a read starting about here is sequential.
+    next: u64,
+    /// How far past a sequential read to read ahead.
+    window: u64,
+    /// Blocks before this offset are read, or being read, ahead.
+    ahead_to: u64,
+}
+
+/// The reading side shared by every handle of a mount.
+#[derive(Debug, Clone)]
+pub struct Reader {
+    /// Fetched blocks (memory and disk), if the mount has a cache.
+    pub cache: Option<Arc<BlockCache>>,
+    /// Bounds read-ahead requests in flight.
+    pub read_ahead: Arc<Semaphore>,
+}
+
+impl Reader {
+    pub fn new(cache: Option<Arc<BlockCache>>) -> Self {
+        Self {
+            cache,
+            read_ahead: Arc::new(Semaphore::new(MAX_READ_AHEAD_REQUESTS)),
+        }
+    }
+}
+
+impl OpenFile {
+    pub(super) fn new(
+        remote: Arc<dyn Remote>,
+        remote_name: String,
+        pod: PodName,
+        version: u64,
+        entry: Entry,
+        state_id: Option<String>,
+    ) -> Self {
+        let stored = entry
+            .data
+            .as_ref()
+            .is_some_and(|d| d.method == Method::Stored);
+        let whole = (stored && !block_checked(&entry))
+            .then(|| WholeFileCheck::new(&entry))
+            .flatten();
+        Self {
+            remote,
+            remote_name,
+            pod,
+            version,
+            entry,
+            state_id,
+            stream: Mutex::new(Stream {
+                next: 0,
+                window: FIRST_WINDOW,
+                ahead_to: 0,
+            }),
+            whole: Mutex::new(whole),
+        }
+    }
+
+    /// The cache key of `len` bytes at `offset` of this file's state object.
+    fn key(&self, offset: u64, len: u64) -> Option<BlockKey> {
+        let state_id = self.state_id.as_deref()?;
+        BlockKey::new(&self.remote_name, &self.pod, Some(state_id), offset, len)
+    }
+
+    /// Bytes `range` of the file (fewer at its end), checked.
+    pub async fn read(self: &Arc<Self>, reader: &Reader, range: Range<u64>) -> FsResult<Bytes> {
+        let entry = &self.entry;
+        let end = range.end.min(entry.size);
+        if range.start >= end {
+            return Ok(Bytes::new());
+        }
+        let (Some(cache), Some(data)) = (&reader.cache, &entry.data) else {
+            return Ok(read_range(&*self.remote, &self.pod, self.version, entry, range).await?);
+        };
+        if data.method == Method::Deflate {
+            // Small files: fetched and inflated (which checks them) once, kept whole.
+            let fetch = read_range(&*self.remote, &self.pod, self.version, entry, 0..entry.size);
+            let whole = match self.key(data.offset, data.csize) {
+                Some(k) => {
+                    let check = |b: &[u8]| self.check_whole(b);
+                    cache.get_or_fetch(&k, fetch, check).await?
+                }
+                None => fetch.await?,
+            };
+            return Ok(whole.slice(range.start as usize..end as usize));
+        }
+        self.read_ahead(reader, cache, range.start..end);
+        let b = block_size(entry);
+        let mut out = BytesMut::with_capacity((end - range.start) as usize);
+        for i in range.start / b..end.div_ceil(b) {
+            let bytes = self.block(cache, i).await?;
+            let r = block_range(entry, i);
+            let from = range.start.max(r.start) - r.start;
+            let to = end.min(r.end) - r.start;
+            out.extend_from_slice(&bytes[from as usize..to as usize]);
+        }
+        let out = out.freeze();
+        if let Some(check) = lock(&self.whole).as_mut() {
+            check
+                .update(range.start, &out)
+                .map_err(|m| self.damaged(m.offset(entry)..end))?;
+        }
+        Ok(out)
+    }
+
+    /// Block `i`, through the cache: fetched unchecked from the remote, checked by the cache
+    /// once, whether it came from the remote or from disk.
+    async fn block(&self, cache: &BlockCache, i: u64) -> FsResult<Bytes> {
+        let r = block_range(&self.entry, i);
+        let fetch = read_stored(
+            &*self.remote,
+            &self.pod,
+            self.version,
+            &self.entry,
+            r.clone(),
+        );
+        let check = |bytes: &[u8]| self.check_block(i, bytes);
+        let offset = self.entry.data.as_ref().map_or(0, |d| d.offset);
+        Ok(match self.key(offset + r.start, r.end - r.start) {
+            Some(k) => cache.get_or_fetch(&k, fetch, check).await?,
+            None => {
+                let bytes = fetch.await?;
+                check(&bytes)?;
+                bytes
+            }
+        })
+    }
+
+    /// Starts reading ahead of `range` if it continues the handle's last read.
+    fn read_ahead(self: &Arc<Self>, reader: &Reader, cache: &Arc<BlockCache>, range: Range<u64>) {
+        let b = block_size(&self.entry);
+        let blocks = {
+            let mut s = lock(&self.stream);
+            // The kernel may send a stream's reads slightly out of order: within a block is
+            // still in order.
+            let sequential = range.start.abs_diff(s.next) <= b;
+            s.next = range.end;
+            if !sequential {
+                s.window = FIRST_WINDOW;
+                s.ahead_to = 0;
+                return;
+            }
+            let to = range.end.saturating_add(s.window).min(self.entry.size);
+            let from = s.ahead_to.max(range.end);
+            s.window = (s.window * 2).min(MAX_WINDOW);
+            if to <= from {
+                return;
+            }
+            s.ahead_to = to;
+            // Whole blocks past the one the read itself ends in.
+            from.div_ceil(b)..to.div_ceil(b)
+        };
+        for i in blocks {
+            let file = Arc::clone(self);
+            let cache = Arc::clone(cache);
+            let permits = Arc::clone(&reader.read_ahead);
+            tokio::spawn(async move {
+                let Ok(_permit) = permits.acquire_owned().await else {
+                    return;
+                };
+                // A failed read-ahead is retried by the read that needs the block, which
+                // reports the error.
+                if let Err(e) = file.block(&cache, i).await {
+                    tracing::debug!(pod = %file.pod, version = file.version, "read-ahead of block {i} of {:?} failed: {e}", file.entry.path);
+                }
+            });
+        }
+    }
+
+    fn damaged(&self, r: Range<u64>) -> PodError {
+        PodError::Corrupt {
+            pod: self.pod.to_string(),
+            version: self.version,
+            reason: format!(
+                "{:?}: bytes {}..{} are damaged",
+                self.entry.path, r.start, r.end
+            ),
+        }
+    }
+
+    /// Checks block `i`: its CRC-32C where the manifest has one, else its length.
+    fn check_block(&self, i: u64, bytes: &[u8]) -> Result<(), PodError> {
+        let entry = &self.entry;
+        let r = block_range(entry, i);
+        let ok = if block_checked(entry) {
+            verify_block(entry, i, bytes).is_ok()
+        } else {
+            bytes.len() as u64 == r.end - r.start
+        };
+        ok.then_some(()).ok_or_else(|| self.damaged(r))
+    }
+
+    /// Checks a whole (deflated, small) file against its size and CRC-32.
+    fn check_whole(&self, bytes: &[u8]) -> Result<(), PodError> {
+        let entry = &self.entry;
+        let crc = entry.data.as_ref().map(|d| d.crc32);
+        (bytes.len() as u64 == entry.size && Some(crc32fast::hash(bytes)) == crc)
+            .then_some(())
+            .ok_or_else(|| PodError::Corrupt {
+                pod: self.pod.to_string(),
+                version: self.version,
+                reason: format!("{:?}: the data is damaged (CRC-32 mismatch)", entry.path),
+            })
+    }
+}
