@@ -504,6 +504,9 @@ pub struct MountArgs {
     /// Bound of the memory cache (e.g. 64M).
     #[arg(long, default_value = "64M", value_parser = parse_size)]
     pub memory_cache: u64,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// `512M`, `10G`, `4096`: a size in bytes with an optional K, M, G or T suffix (powers of 1024).
@@ -555,6 +558,14 @@ fn mount_remote_names(ctx: &Context, args: &MountArgs) -> Result<Vec<String>> {
 pub async fn mount(ctx: &Context, args: MountArgs) -> Result<()> {
     let names = mount_remote_names(ctx, &args)?;
     let point = crate::fs::mountpoint::prepare(&args.mountpoint)?;
+    // Bound first: a port in use fails the mount, not a scrape later.
+    let listener = match args.metrics {
+        Some(addr) => Some(crate::metrics::bind(addr).await.with_context(|| {
+            format!("cannot serve metrics on {addr} (choose another --metrics address)")
+        })?),
+        None => None,
+    };
+    let mut metrics = listener.as_ref().map(|_| crate::metrics::Metrics::new());
     let mut remotes = Vec::new();
     for name in names {
         match ctx.open_remote(&name).await {
@@ -581,15 +592,27 @@ pub async fn mount(ctx: &Context, args: MountArgs) -> Result<()> {
         disk_bytes: args.cache_size,
         ..crate::cache::CacheConfig::default()
     })?;
+    let cache = Arc::new(cache);
+    if let Some(m) = metrics.as_mut() {
+        let collector = crate::cache::metrics::CacheCollector(Arc::clone(&cache));
+        m.register_collector(Box::new(collector));
+    }
+    let metrics = metrics.map(Arc::new);
+    if let Some(m) = &metrics {
+        for (_, r) in &mut remotes {
+            let counted = crate::remote::metered::Metered::new(Arc::clone(r), Arc::clone(m));
+            *r = Arc::new(counted);
+        }
+    }
     let config = crate::fs::FsConfig {
         refresh: args.refresh,
         uid,
         gid,
     };
-    let cache = Arc::new(cache);
     let fs = Arc::new(crate::fs::PodFs::new(remotes, config).with_cache(Arc::clone(&cache)));
     let mount_config = crate::fs::fuse::MountConfig {
         allow_other: args.allow_other,
+        metrics: metrics.clone(),
         ..Default::default()
     };
     let rt = tokio::runtime::Handle::current();
@@ -600,6 +623,16 @@ pub async fn mount(ctx: &Context, args: MountArgs) -> Result<()> {
             .context("mount task")?
             .with_context(|| format!("cannot mount on {}", point.display()))?;
     tracing::info!("mounted on {}", point.display());
+    if let (Some(listener), Some(m)) = (listener, metrics) {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!("metrics at http://{addr}/metrics");
+        }
+        tokio::spawn(crate::metrics::serve(
+            listener,
+            m,
+            ctx.shutdown.child_token(),
+        ));
+    }
     mounted.serve(ctx.shutdown.clone()).await?;
     // Blocks fetched last are on their way to the disk cache: keep them for the next mount.
     cache.flush().await;
@@ -649,6 +682,9 @@ pub fn mount_in_background(ctx: &Context, args: &MountArgs) -> Result<()> {
     }
     if args.allow_other {
         cmd.arg("--allow-other");
+    }
+    if let Some(addr) = args.metrics {
+        cmd.arg("--metrics").arg(addr.to_string());
     }
     cmd.env("PODFS_HOME", &volume)
         .current_dir("/")

@@ -14,6 +14,7 @@ pub mod cache;
 pub mod commands;
 pub mod config;
 pub mod fs;
+pub mod metrics;
 pub mod name;
 pub mod pod;
 pub mod progress;

@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use support::backend::Backend;
-use support::mount::{Mounted, is_mounted, wait_until};
+use support::mount::{Mounted, is_mounted, sample, scrape, wait_until};
 use support::{MIB, Podfs, assert_same_tree, copy_tree, make_tree, noise};
 
 /// One `#[test]` per backend for each scenario: `SCENARIO::default_remote`, `::file_remote`,
@@ -511,6 +511,78 @@ fn a_damaged_block_on_the_remote_is_eio_and_the_others_read() {
         m.log_text().contains("damaged"),
         "the daemon logs the damage: {}",
         m.log_text()
+    );
+}
+
+/// A 4 KiB read at a random offset of a 256 MiB file fetches at most 2 blocks (no read-ahead);
+/// reading it again asks the remote nothing; after a remount the disk cache serves it, again
+/// with no request. Counted by the mount's metrics endpoint.
+#[test]
+fn a_random_read_fetches_only_its_blocks_and_the_caches_serve_it_again() {
+    let podfs = Podfs::new();
+    let work = tempfile::tempdir().unwrap();
+    let big = work.path().join("big");
+    let dd = Command::new("dd")
+        .args(["if=/dev/urandom", "bs=1M", "count=256", "status=none"])
+        .arg(format!("of={}", big.display()))
+        .status()
+        .unwrap();
+    assert!(dd.success());
+    podfs.ok(&["save", "p", "--from", work.path().to_str().unwrap()]);
+    let cache = tempfile::tempdir().unwrap();
+    let at = 100 * MIB as u64 + 12_345;
+    let want = read_at(&big, at, 4096).unwrap();
+    let range_reads = |addr: &str| {
+        sample(
+            &scrape(addr),
+            "podfs_remote_requests_total",
+            r#"remote="default",op="read_state""#,
+        )
+    };
+    let mount = || {
+        let addr = format!("127.0.0.1:{}", support::free_port());
+        let args = [
+            "--cache-dir",
+            cache.path().to_str().unwrap(),
+            "--metrics",
+            &addr,
+        ];
+        (Mounted::new(&podfs, &args), addr)
+    };
+    {
+        let (m, addr) = mount();
+        let file = m.pod("default", "p").join("big");
+        assert_eq!(
+            range_reads(&addr),
+            0.0,
+            "listing and stat fetch no file data"
+        );
+        assert_eq!(std::fs::metadata(&file).unwrap().len(), 256 * MIB as u64);
+        assert_eq!(read_at(&file, at, 4096).unwrap(), want);
+        let first = range_reads(&addr);
+        assert!(
+            (1.0..=2.0).contains(&first),
+            "{first} range reads for 4 KiB"
+        );
+        assert_eq!(read_at(&file, at, 4096).unwrap(), want);
+        assert_eq!(range_reads(&addr), first, "read again: no request");
+        let text = scrape(&addr);
+        assert!(sample(&text, "podfs_fuse_operation_seconds_count", r#"op="read""#) >= 1.0);
+    }
+    let (m, addr) = mount();
+    assert_eq!(
+        read_at(&m.pod("default", "p").join("big"), at, 4096).unwrap(),
+        want
+    );
+    let text = scrape(&addr);
+    assert_eq!(
+        range_reads(&addr),
+        0.0,
+        "after a remount: from the disk cache"
+    );
+    assert!(
+        sample(&text, "podfs_cache_disk_hits_total", "") >= 1.0,
+        "{text}"
     );
 }
 

@@ -21,6 +21,7 @@
 
 mod disk;
 mod memory;
+pub mod metrics;
 
 use std::collections::HashMap;
 use std::fmt::Display;

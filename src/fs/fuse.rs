@@ -11,7 +11,7 @@ use std::ffi::OsStr;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use fuser::{
     BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
@@ -27,6 +27,7 @@ use tracing::Instrument;
 
 use super::error::{FsError, MountError};
 use super::{Attr, FileKind, PodFs, mountpoint};
+use crate::metrics::Metrics;
 
 /// Entries prepared for one `readdirplus` reply (a reply holds about 4 KiB, ~40 entries).
 const READDIRPLUS_BATCH: usize = 64;
@@ -80,6 +81,7 @@ fn file_attr(a: &Attr) -> FileAttr {
 struct Adapter {
     fs: Arc<PodFs>,
     rt: Handle,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl Adapter {
@@ -92,7 +94,15 @@ impl Adapter {
         work: impl Future<Output = ()> + Send + 'static,
     ) {
         let span = tracing::debug_span!("fuse", op, req = u64::from(req.unique()), ino);
-        self.rt.spawn(work.instrument(span));
+        let metrics = self.metrics.clone();
+        let started = Instant::now();
+        let timed = async move {
+            work.await;
+            if let Some(m) = metrics {
+                m.fuse_op(op, started.elapsed());
+            }
+        };
+        self.rt.spawn(timed.instrument(span));
     }
 }
 
@@ -492,6 +502,8 @@ pub struct MountConfig {
     /// Threads reading requests from the kernel (each with its own `/dev/fuse` clone when more
     /// than one). They only dispatch: the work runs on the tokio runtime.
     pub threads: usize,
+    /// Where operation latencies are recorded, if anywhere.
+    pub metrics: Option<Arc<Metrics>>,
 }
 
 impl Default for MountConfig {
@@ -500,6 +512,7 @@ impl Default for MountConfig {
         Self {
             allow_other: false,
             threads: 2,
+            metrics: None,
         }
     }
 }
@@ -537,6 +550,7 @@ pub fn mount(
     let adapter = Adapter {
         fs: Arc::clone(&fs),
         rt,
+        metrics: config.metrics.clone(),
     };
     let mut session = Session::new(adapter, point, &cfg).map_err(MountError::io(point))?;
     let notifier = session.notifier();

@@ -942,10 +942,18 @@ mod tests {
         let fh2 = fs.open(a2.ino, false).await.unwrap();
         assert_eq!(&fs.read(fh2, 1, 2).await.unwrap()[..], b"wo");
 
-        let v = fs.lookup(p.ino, OsStr::new(VERSIONS_DIR)).await.unwrap().attr;
+        let v = fs
+            .lookup(p.ino, OsStr::new(VERSIONS_DIR))
+            .await
+            .unwrap()
+            .attr;
         assert!(!names(&fs, p.ino).await.contains(&VERSIONS_DIR.to_owned()));
         assert_eq!(names(&fs, v.ino).await, [".", "..", "1", "2", "latest"]);
-        let latest = fs.lookup(v.ino, OsStr::new(LATEST_LINK)).await.unwrap().attr;
+        let latest = fs
+            .lookup(v.ino, OsStr::new(LATEST_LINK))
+            .await
+            .unwrap()
+            .attr;
         assert_eq!(fs.readlink(latest.ino).await.unwrap(), "2");
         let v1 = fs.lookup(v.ino, OsStr::new("1")).await.unwrap().attr;
         let a1 = fs.lookup(v1.ino, OsStr::new("a.txt")).await.unwrap().attr;
@@ -971,14 +979,24 @@ mod tests {
         let r = fs.lookup(ROOT_INO, OsStr::new("mem")).await.unwrap().attr;
         let p = fs.lookup(r.ino, OsStr::new("p")).await.unwrap().attr;
         let a = fs.lookup(p.ino, OsStr::new("a.txt")).await.unwrap().attr;
-        let v = fs.lookup(p.ino, OsStr::new(VERSIONS_DIR)).await.unwrap().attr;
+        let v = fs
+            .lookup(p.ino, OsStr::new(VERSIONS_DIR))
+            .await
+            .unwrap()
+            .attr;
         let v1 = fs.lookup(v.ino, OsStr::new("1")).await.unwrap().attr;
         let fh = fs.open(a.ino, false).await.unwrap();
         assert_eq!(&fs.read(fh, 0, 100).await.unwrap()[..], b"one");
 
-        crate::pod::delete::delete(&*remote, &pod, None).await.unwrap();
+        crate::pod::delete::delete(&*remote, &pod, None)
+            .await
+            .unwrap();
         save_tree(&*remote, &pod, &[("a.txt", b"other")]).await;
-        assert_eq!(remote.list_versions(&pod).await.unwrap(), [1], "the number is reused");
+        assert_eq!(
+            remote.list_versions(&pod).await.unwrap(),
+            [1],
+            "the number is reused"
+        );
 
         let a2 = fs.lookup(p.ino, OsStr::new("a.txt")).await.unwrap().attr;
         assert_ne!(a2.ino, a.ino);

@@ -6,6 +6,7 @@
 
 pub mod file;
 pub mod memory;
+pub mod metered;
 pub mod oras;
 pub mod s3;
 
