@@ -53,6 +53,22 @@ impl Moto {
         moto
     }
 
+    /// The server's process id (the Python process itself: `moto_server` runs no workers).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Stops the server process (SIGSTOP) until the returned guard is dropped (SIGCONT): its
+    /// port still completes TCP connections (the kernel does that) but nothing is answered, as
+    /// with a server that hangs. The guard resumes it also when the test panics.
+    pub fn freeze(&self) -> Frozen<'_> {
+        let pid = i32::try_from(self.pid()).expect("pid fits in pid_t");
+        // SAFETY: kill only sends a signal to our own child, which is not reaped while `self`
+        // lives.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0, "SIGSTOP moto");
+        Frozen { pid, _moto: self }
+    }
+
     /// Runs a Python snippet with `boto3` imported, `EP` the endpoint and `s3` a client using
     /// [`KEY_ID`]/[`SECRET`]. Asserts success; returns stdout.
     pub fn python(&self, code: &str) -> String {
@@ -117,6 +133,21 @@ impl Drop for Moto {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A stopped [`Moto`] (see [`Moto::freeze`]); dropping it resumes the server.
+#[must_use = "the server resumes when this guard is dropped"]
+pub struct Frozen<'a> {
+    pid: i32,
+    /// The server is not killed and reaped while it is frozen.
+    _moto: &'a Moto,
+}
+
+impl Drop for Frozen<'_> {
+    fn drop(&mut self) {
+        // SAFETY: kill only sends a signal to our own child, alive while `_moto` is borrowed.
+        unsafe { libc::kill(self.pid, libc::SIGCONT) };
     }
 }
 
