@@ -556,7 +556,8 @@ fn mount_remote_names(ctx: &Context, args: &MountArgs) -> Result<Vec<String>> {
 /// `podfs mount --foreground`: mounts, serves until SIGINT/SIGTERM (`ctx.shutdown`) or until
 /// unmounted from outside, then returns.
 pub async fn mount(ctx: &Context, args: MountArgs) -> Result<()> {
-    let names = mount_remote_names(ctx, &args)?;
+    // An unknown --remote fails here, before anything is set up.
+    mount_remote_names(ctx, &args)?;
     let point = crate::fs::mountpoint::prepare(&args.mountpoint)?;
     // Bound first: a port in use fails the mount, not a scrape later.
     let listener = match args.metrics {
@@ -566,20 +567,6 @@ pub async fn mount(ctx: &Context, args: MountArgs) -> Result<()> {
         None => None,
     };
     let mut metrics = listener.as_ref().map(|_| crate::metrics::Metrics::new());
-    let mut remotes = Vec::new();
-    for name in names {
-        match ctx.open_remote(&name).await {
-            Ok(r) => remotes.push((name, r)),
-            // One remote that cannot be opened must not hide the others.
-            Err(e) if args.remote.is_none() => {
-                eprintln!(
-                    "warning: left out remote {name}: {}",
-                    term::error_chain(e.as_ref())
-                );
-            }
-            Err(e) => return Err(e),
-        }
-    }
     // SAFETY: getuid and getgid cannot fail and touch no memory.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     let cache = crate::cache::BlockCache::new(crate::cache::CacheConfig {
@@ -598,18 +585,28 @@ pub async fn mount(ctx: &Context, args: MountArgs) -> Result<()> {
         m.register_collector(Box::new(collector));
     }
     let metrics = metrics.map(Arc::new);
-    if let Some(m) = &metrics {
-        for (_, r) in &mut remotes {
-            let counted = crate::remote::metered::Metered::new(Arc::clone(r), Arc::clone(m));
-            *r = Arc::new(counted);
-        }
-    }
     let config = crate::fs::FsConfig {
         refresh: args.refresh,
         uid,
         gid,
     };
-    let fs = Arc::new(crate::fs::PodFs::new(remotes, config).with_cache(Arc::clone(&cache)));
+    let source = MountRemotes {
+        volume: ctx.volume.clone(),
+        shutdown: ctx.shutdown.clone(),
+        only: args.remote.clone(),
+        metrics: metrics.clone(),
+    };
+    let fs = match &args.remote {
+        // One named remote: it must open now, and is shown for the life of the mount.
+        Some(name) => {
+            let remote = source.open_remote(name).await?;
+            crate::fs::PodFs::new(vec![(name.clone(), remote)], config)
+        }
+        // Every configured remote, following `podfs remote add/delete`.
+        None => crate::fs::PodFs::new(Vec::new(), config).following(Arc::new(source)),
+    };
+    let fs = Arc::new(fs.with_cache(Arc::clone(&cache)));
+    fs.refresh_remotes().await;
     let mount_config = crate::fs::fuse::MountConfig {
         allow_other: args.allow_other,
         metrics: metrics.clone(),
@@ -637,6 +634,52 @@ pub async fn mount(ctx: &Context, args: MountArgs) -> Result<()> {
     // Blocks fetched last are on their way to the disk cache: keep them for the next mount.
     cache.flush().await;
     Ok(())
+}
+
+/// The remotes of a mount, from the configuration as it is when asked.
+struct MountRemotes {
+    volume: VolumeDir,
+    shutdown: CancellationToken,
+    /// `--remote NAME`.
+    only: Option<String>,
+    /// Counts every remote's requests, if the mount serves metrics.
+    metrics: Option<Arc<crate::metrics::Metrics>>,
+}
+
+impl MountRemotes {
+    /// Opens `name` as the configuration file says now.
+    async fn open_remote(&self, name: &str) -> Result<Arc<dyn Remote>> {
+        let ctx = Context {
+            volume: self.volume.clone(),
+            remotes: Remotes::load(&self.volume)?,
+            shutdown: self.shutdown.clone(),
+        };
+        let remote: Arc<dyn Remote> = Arc::new(crate::remote::failfast::FailFast::new(
+            ctx.open_remote(name).await?,
+        ));
+        Ok(match &self.metrics {
+            Some(m) => Arc::new(crate::remote::metered::Metered::new(remote, Arc::clone(m))),
+            None => remote,
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::fs::RemoteSource for MountRemotes {
+    fn configured(&self) -> std::result::Result<Vec<(String, String)>, String> {
+        let remotes = Remotes::load(&self.volume).map_err(|e| term::error_chain(&e))?;
+        Ok(remotes
+            .list(&self.volume)
+            .into_iter()
+            .filter(|(n, _)| self.only.as_ref().is_none_or(|o| o == n))
+            .collect())
+    }
+
+    async fn open(&self, name: &str) -> std::result::Result<Arc<dyn Remote>, String> {
+        self.open_remote(name)
+            .await
+            .map_err(|e| term::error_chain(e.as_ref()))
+    }
 }
 
 /// How long `podfs mount` waits for its background daemon to be mounted.

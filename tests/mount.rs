@@ -301,6 +301,50 @@ fn one_pod(podfs: &Podfs) -> tempfile::TempDir {
     work
 }
 
+/// The root follows `podfs remote add` and `podfs remote delete` without a remount (within
+/// `--refresh`); a remote whose URL changed shows the new location, not cached pods of the old.
+#[test]
+fn the_root_follows_remotes_added_and_deleted() {
+    let podfs = Podfs::new();
+    let work = one_pod(&podfs);
+    let m = Mounted::new(&podfs, &["--refresh", "200ms"]);
+    let names = || -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(&m.point)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(), ["default"]);
+
+    let dirs = tempfile::tempdir().unwrap();
+    let (a, b) = (dirs.path().join("a"), dirs.path().join("b"));
+    let url = |d: &Path| format!("file://{}", d.display());
+    podfs.ok(&["remote", "add", "extra", &url(&a)]);
+    podfs.ok(&["save", "in-a", "extra", "--from", work.path().to_str().unwrap()]);
+    wait_until("extra to show", Duration::from_secs(30), || {
+        names() == ["default", "extra"]
+    });
+    let hello = m.point.join("extra/in-a/hello.txt");
+    assert_eq!(std::fs::read_to_string(&hello).unwrap(), "hello, pods\n");
+
+    // Same name, another place: the old remote's pods go with it.
+    podfs.ok(&["remote", "delete", "extra"]);
+    podfs.ok(&["remote", "add", "extra", &url(&b)]);
+    podfs.ok(&["save", "in-b", "extra", "--from", work.path().to_str().unwrap()]);
+    wait_until("extra to show b", Duration::from_secs(30), || {
+        m.point.join("extra/in-b/hello.txt").exists()
+    });
+    assert!(!hello.exists(), "a's pod is gone with it");
+
+    podfs.ok(&["remote", "delete", "extra"]);
+    wait_until("extra to go", Duration::from_secs(30), || names() == ["default"]);
+    let e = std::fs::metadata(m.point.join("extra/in-b")).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::NotFound);
+    assert_same_tree(work.path(), &m.pod("default", "p"));
+}
+
 /// SIGKILL of the daemon leaves ENOTCONN (never an empty directory); `podfs unmount` clears it,
 /// and a new mount on the same point works.
 #[test]

@@ -31,6 +31,7 @@ pub mod fuse;
 mod inodes;
 pub mod mountpoint;
 mod read;
+mod remotes;
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -50,6 +51,8 @@ pub use error::{FsError, FsResult};
 pub use inodes::ROOT_INO;
 use inodes::{InodeTable, Node};
 use read::{OpenFile, Reader};
+pub use remotes::RemoteSource;
+use remotes::RemoteTable;
 
 /// Name of the hidden directory of every version of a pod.
 pub const VERSIONS_DIR: &str = ".versions";
@@ -156,8 +159,8 @@ type Invalidator = Arc<dyn Fn(u64, &str) + Send + Sync>;
 /// The file system of one mount. Cheap to share: hold it in an `Arc`.
 pub struct PodFs {
     config: FsConfig,
-    /// The remotes shown at the root, in this order, by name.
-    remotes: Vec<(String, Arc<dyn Remote>)>,
+    /// The remotes shown at the root.
+    remotes: RemoteTable,
     /// Shown as the mtime of the synthetic directories.
     started: SystemTime,
     inodes: Mutex<InodeTable>,
@@ -193,7 +196,7 @@ impl PodFs {
     pub fn new(remotes: Vec<(String, Arc<dyn Remote>)>, config: FsConfig) -> Self {
         Self {
             config,
-            remotes,
+            remotes: RemoteTable::fixed(remotes),
             started: SystemTime::now(),
             inodes: Mutex::new(InodeTable::new()),
             pod_lists: Mutex::default(),
@@ -205,6 +208,31 @@ impl PodFs {
             next_handle: AtomicU64::new(1),
             reader: Reader::new(None),
             invalidate: OnceLock::new(),
+        }
+    }
+
+    /// Shows the remotes `source` configures instead of a fixed list, following changes within
+    /// [`FsConfig::refresh`].
+    pub fn following(mut self, source: Arc<dyn RemoteSource>) -> Self {
+        self.remotes = RemoteTable::following(source);
+        self
+    }
+
+    /// Reads the configuration of remotes again if it is older than the refresh time, and
+    /// tells the kernel to forget the names of remotes no longer shown as they were.
+    pub async fn refresh_remotes(&self) {
+        for name in self.remotes.refresh(self.config.refresh).await {
+            self.invalidate_later(ROOT_INO, name);
+        }
+    }
+
+    /// Tells the kernel to forget `name` in directory `parent` (and everything below it), from
+    /// a blocking task: the kernel may hold the directory's lock until the operation that
+    /// found the change is answered.
+    fn invalidate_later(&self, parent: u64, name: String) {
+        if let Some(f) = self.invalidate.get() {
+            let f = Arc::clone(f);
+            tokio::task::spawn_blocking(move || f(parent, &name));
         }
     }
 
@@ -239,15 +267,12 @@ impl PodFs {
         lock(&self.inodes).len()
     }
 
-    fn remote(&self, r: usize) -> FsResult<&Arc<dyn Remote>> {
+    fn remote(&self, r: usize) -> FsResult<Arc<dyn Remote>> {
         self.remotes.get(r).map(|(_, x)| x).ok_or(FsError::NotFound)
     }
 
-    fn remote_name(&self, r: usize) -> FsResult<&str> {
-        self.remotes
-            .get(r)
-            .map(|(n, _)| n.as_str())
-            .ok_or(FsError::NotFound)
+    fn remote_name(&self, r: usize) -> FsResult<String> {
+        self.remotes.get(r).map(|(n, _)| n).ok_or(FsError::NotFound)
     }
 
     /// The pods of remote `r`, listed at most once per refresh (only to list the remote's
@@ -319,18 +344,13 @@ impl PodFs {
     fn replaced(&self, r: usize, pod: &PodName, old: u64) {
         let remote = self.remote_name(r).unwrap_or_default();
         tracing::info!(
-            remote,
+            remote = %remote,
             pod = %pod,
             "pod {pod} was deleted and saved again: showing the new one"
         );
         lock(&self.manifests).retain(|(mr, mp, mg, _), _| !(*mr == r && mp == pod && *mg == old));
-        let parent = lock(&self.inodes).find(&Node::Remote(r));
-        if let (Some(parent), Some(f)) = (parent, self.invalidate.get()) {
-            let f = Arc::clone(f);
-            let name = pod.as_str().to_owned();
-            // Not from the operation itself: the kernel may hold the directory's lock until
-            // that operation is answered.
-            tokio::task::spawn_blocking(move || f(parent, &name));
+        if let Some(parent) = lock(&self.inodes).find(&Node::Remote(r)) {
+            self.invalidate_later(parent, pod.as_str().to_owned());
         }
     }
 
@@ -367,7 +387,7 @@ impl PodFs {
                 // The identity first: a replacement between the two reads is then noticed by
                 // the next listing (as a spurious one at worst), never missed.
                 let id = remote.version_id(pod, version).await?;
-                let obj = read_version(&**remote, pod, version).await?;
+                let obj = read_version(&*remote, pod, version).await?;
                 if let Some(id) = id
                     && let Some(s) = lock(&self.pods).get_mut(&(r, pod.clone()))
                     && s.generation == generation
@@ -414,10 +434,16 @@ impl PodFs {
         let refresh = self.config.refresh;
         let started = self.started;
         match node {
-            Node::Root => Ok(self.dir_attr(ino, 0o555, self.remotes.len() + 2, started, refresh)),
-            Node::Remote(_) | Node::Versions(..) => {
+            Node::Root => {
+                self.refresh_remotes().await;
+                let nlink = self.remotes.live().len() + 2;
+                Ok(self.dir_attr(ino, 0o555, nlink, started, refresh))
+            }
+            Node::Remote(r) => {
+                self.remote(*r)?;
                 Ok(self.dir_attr(ino, 0o555, 1, started, refresh))
             }
+            Node::Versions(..) => Ok(self.dir_attr(ino, 0o555, 1, started, refresh)),
             Node::Pod(..) => Ok(self.dir_attr(ino, 0o755, 1, started, refresh)),
             Node::LatestLink(r, pod) => {
                 let target = self.latest_target(*r, pod).await?;
@@ -506,12 +532,13 @@ impl PodFs {
     /// The node `name` stands for in directory `parent`.
     async fn child(&self, parent: &Node, name: &str) -> FsResult<Node> {
         match parent {
-            Node::Root => self
-                .remotes
-                .iter()
-                .position(|(n, _)| n == name)
-                .map(Node::Remote)
-                .ok_or(FsError::NotFound),
+            Node::Root => {
+                self.refresh_remotes().await;
+                self.remotes
+                    .find(name)
+                    .map(Node::Remote)
+                    .ok_or(FsError::NotFound)
+            }
             Node::Remote(r) => {
                 let pod = PodName::new(name).map_err(|_| FsError::NotFound)?;
                 self.latest(*r, &pod).await?;
@@ -617,8 +644,9 @@ impl PodFs {
         let mut out = vec![dir(node.clone(), "."), dir(node.clone(), "..")];
         match node {
             Node::Root => {
-                for (r, (name, _)) in self.remotes.iter().enumerate() {
-                    out.push(dir(Node::Remote(r), name));
+                self.refresh_remotes().await;
+                for (r, name) in self.remotes.live() {
+                    out.push(dir(Node::Remote(r), &name));
                 }
             }
             Node::Remote(r) => {
@@ -802,8 +830,8 @@ impl PodFs {
             .and_then(|d| obj.state_id(d.state))
             .map(str::to_owned);
         let file = OpenFile::new(
-            Arc::clone(self.remote(remote)?),
-            self.remote_name(remote)?.to_owned(),
+            self.remote(remote)?,
+            self.remote_name(remote)?,
             pod,
             version,
             entry.clone(),
