@@ -29,6 +29,9 @@ use super::error::{FsError, MountError};
 use super::{Attr, FileKind, PodFs, mountpoint};
 use crate::metrics::Metrics;
 
+/// Background requests the kernel may have outstanding (its default is 12 to 16).
+const MAX_BACKGROUND: u16 = 128;
+
 /// Entries prepared for one `readdirplus` reply (a reply holds about 4 KiB, ~40 entries).
 const READDIRPLUS_BATCH: usize = 64;
 
@@ -131,6 +134,17 @@ impl Filesystem for Adapter {
             tracing::info!(
                 "the kernel lacks {missing:?}: directories are listed without attributes"
             );
+        }
+        // Lookups in one directory in parallel: a first lookup waiting on a slow remote must
+        // not hold up the root or the other remotes.
+        if let Err(missing) = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS) {
+            tracing::info!("the kernel lacks {missing:?}: lookups in a directory are serialized");
+        }
+        // Reads the kernel sends in the background (read-ahead, page cache fills) at once:
+        // room for many readers of a slow remote before readers of the others wait.
+        if let Err(max) = config.set_max_background(MAX_BACKGROUND) {
+            tracing::info!("the kernel allows {max} background requests at most");
+            let _ = config.set_max_background(max);
         }
         Ok(())
     }

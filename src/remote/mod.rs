@@ -4,6 +4,7 @@
 //! bytes). It is shared as `Arc<dyn Remote>` by many tasks at once. Vendor errors never leave this
 //! module tree: each backend classifies them into [`RemoteError`].
 
+pub mod failfast;
 pub mod file;
 pub mod memory;
 pub mod metered;
