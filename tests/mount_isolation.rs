@@ -303,16 +303,19 @@ fn a_stopped_server_leaves_the_other_remotes_working() {
         "the daemon logs why: {log}"
     );
 
+    // Back: within the fail-fast hold (podfs::remote::failfast::HOLD) the bytes come again.
     drop(frozen);
-    let got = read_within(&on_s3).expect("the server is back");
-    assert!(got == big, "s3-remote: dir/big.bin has the wrong bytes");
+    let hold = podfs::remote::failfast::HOLD;
+    wait_until("the server is back", hold + HEALTHY, || {
+        read_within(&on_s3).is_ok_and(|got| got == big)
+    });
 }
 
-/// The first lookup of a remote's directory while its server hangs (a fresh mount, nothing of
-/// that remote looked at yet) leaves the rest of the root alone: listing the root and a first
-/// look at the built-in remote answer while it waits. The kernel serialises lookups and readdir
-/// in one directory unless the file system asks for parallel directory operations, so a root
-/// lookup that waits for a server holds up the whole root.
+/// The first lookup of a pod while its server hangs (a fresh mount, nothing of that remote
+/// looked at yet) leaves the rest of the mount alone: the remote's own directory stats without
+/// its server, and listing the root and a first look at the built-in remote answer while the
+/// lookup waits. (The kernel serialises lookups and readdir in one directory unless the file
+/// system asks for parallel directory operations.)
 #[test]
 fn a_first_lookup_on_a_stopped_server_leaves_the_root_usable() {
     let moto = Moto::start();
@@ -324,8 +327,14 @@ fn a_first_lookup_on_a_stopped_server_leaves_the_root_usable() {
 
     let frozen = moto.freeze();
     let s3_dir = m.point.join("s3-remote");
-    let hung = Pending::start(move || std::fs::metadata(s3_dir).map(|md| md.is_dir()));
-    hung.wait_blocked_in(libc::SYS_statx, "the stat of s3-remote");
+    let stat = within("the stat of s3-remote", {
+        let d = s3_dir.clone();
+        move || std::fs::metadata(d).map(|md| md.is_dir()).ok()
+    });
+    assert_eq!(stat, Some(true), "a remote's directory needs no server");
+    let s3_pod = s3_dir.join(POD);
+    let hung = Pending::start(move || std::fs::metadata(s3_pod).map(|md| md.is_dir()));
+    hung.wait_blocked_in(libc::SYS_statx, "the stat of s3-remote/POD");
 
     let shown = ls_within(&[], &m.point);
     assert_eq!(
@@ -344,7 +353,7 @@ fn a_first_lookup_on_a_stopped_server_leaves_the_root_usable() {
     drop(frozen);
     match hung.wait(
         s3_request_fails_within() + Duration::from_secs(30),
-        "the stat of s3-remote once its server is back",
+        "the stat of s3-remote/POD once its server is back",
     ) {
         Ok(is_dir) => assert!(is_dir),
         Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}"),
@@ -357,7 +366,6 @@ fn a_first_lookup_on_a_stopped_server_leaves_the_root_usable() {
 /// next read of any file of the mount waits in `fuse_get_req` until the stopped server's
 /// requests time out.
 #[test]
-#[ignore = "known: 16 reads hung on one remote stall reads on every remote (FUSE max_background); needs a fix in src/fs/fuse.rs"]
 fn many_hung_reads_on_one_remote_leave_reads_on_the_others() {
     const READERS: usize = 24;
     let moto = Moto::start();
@@ -455,11 +463,11 @@ fn a_wrong_password_gives_eio_on_that_remote_only() {
         .filter(|l| l.contains("wrong user or password"))
         .collect();
     assert!(!why.is_empty(), "the daemon logs why: {log}");
-    let failed = log.lines().filter(|l| l.contains("errno=5")).count();
-    assert_eq!(
-        (why.len(), failed),
-        (failed, why.len()),
-        "each failed operation logs one line, and that line names the cause: {log}"
+    let failed: Vec<&str> = log.lines().filter(|l| l.contains("errno=5")).collect();
+    assert!(!failed.is_empty(), "failed operations are logged: {log}");
+    assert!(
+        failed.iter().all(|l| l.contains("wrong user or password")),
+        "each failed operation's line names the cause: {log}"
     );
     assert!(
         !log.contains(RIGHT) && !log.contains(WRONG),
