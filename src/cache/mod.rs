@@ -39,6 +39,7 @@ use memory::MemoryTier;
 
 use crate::name::PodName;
 use crate::pod::manifest::is_state_id;
+use crate::remote::VersionId;
 
 /// Disk writes in flight at once; a block arriving while all are busy is not written to disk
 /// (a slow disk never holds an unbounded queue of blocks in memory, and never slows a read).
@@ -84,6 +85,27 @@ impl BlockKey {
             offset,
             len,
         })
+    }
+
+    /// The key of a whole version object (`id` from [`Remote::version_id`]): kept on disk only,
+    /// beside the blocks, under a made-up identity no state object can have (a hash of the
+    /// version's number and object identity in its own domain).
+    ///
+    /// [`Remote::version_id`]: crate::remote::Remote::version_id
+    pub fn version_object(remote: &str, pod: &PodName, version: u64, id: &VersionId) -> Self {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        h.update(b"podfs version object\0");
+        h.update(version.to_le_bytes());
+        h.update(id.id.as_bytes());
+        let digest = h.finalize();
+        Self {
+            remote: remote.to_owned(),
+            pod: pod.clone(),
+            state_id: hex::encode(&digest[..16]),
+            offset: 0,
+            len: id.size,
+        }
     }
 
     fn cacheable(&self) -> bool {
@@ -403,6 +425,27 @@ impl BlockCache {
             disk.put(&key, &bytes, &counters);
             drop(permit);
         });
+    }
+
+    /// The object under `key` from the disk tier only (its file's own checks passed), for
+    /// objects the caller keeps decoded in memory ([`BlockKey::version_object`]).
+    pub async fn disk_object(&self, key: &BlockKey) -> Option<Bytes> {
+        self.disk_get(key, &|_: &[u8]| Ok::<(), String>(())).await
+    }
+
+    /// Keeps `bytes` under `key` on disk only (in the background), if it has the key's length.
+    pub fn keep_on_disk(&self, key: &BlockKey, bytes: &Bytes) {
+        if bytes.len() as u64 == key.len {
+            self.spawn_disk_write(key, bytes);
+        }
+    }
+
+    /// Removes `key` from the disk tier (an object that turned out unusable).
+    pub async fn drop_on_disk(&self, key: &BlockKey) {
+        if let Some(disk) = self.disk.as_ref().map(Arc::clone) {
+            let k = key.clone();
+            let _ = tokio::task::spawn_blocking(move || disk.remove(&k)).await;
+        }
     }
 
     /// Waits for the disk writes started so far (e.g. before unmounting, so the next mount

@@ -43,10 +43,11 @@ use bytes::Bytes;
 use tokio::sync::OnceCell;
 
 use crate::cache::BlockCache;
+use crate::cache::BlockKey;
 use crate::name::PodName;
 use crate::pod::manifest::{Entry, Kind, VersionObject};
-use crate::pod::read::read_version;
-use crate::remote::Remote;
+use crate::pod::read::{decode_version, read_version, version_bytes};
+use crate::remote::{Remote, VersionId};
 pub use error::{FsError, FsResult};
 pub use inodes::ROOT_INO;
 use inodes::{InodeTable, Node};
@@ -310,7 +311,7 @@ impl PodFs {
         let versions = Arc::new(remote.list_versions(pod).await?);
         let replaced = match &known {
             Some((v, id)) if versions.contains(v) => {
-                remote.version_id(pod, *v).await?.as_ref() != Some(id)
+                remote.version_id(pod, *v).await?.map(|x| x.id).as_ref() != Some(id)
             }
             Some(_) => true,
             None => false,
@@ -381,23 +382,52 @@ impl PodFs {
                 .entry((r, pod.clone(), generation, version))
                 .or_default(),
         );
-        let remote = self.remote(r)?;
         let obj = cell
             .get_or_try_init(|| async {
                 // The identity first: a replacement between the two reads is then noticed by
                 // the next listing (as a spurious one at worst), never missed.
-                let id = remote.version_id(pod, version).await?;
-                let obj = read_version(&*remote, pod, version).await?;
+                let id = self.remote(r)?.version_id(pod, version).await?;
+                let obj = self.fetch_version(r, pod, version, id.as_ref()).await?;
                 if let Some(id) = id
                     && let Some(s) = lock(&self.pods).get_mut(&(r, pod.clone()))
                     && s.generation == generation
                 {
-                    s.known = Some((version, id));
+                    s.known = Some((version, id.id));
                 }
                 Ok::<_, FsError>(Arc::new(obj))
             })
             .await?;
         Ok(Arc::clone(obj))
+    }
+
+    /// Version `version` of `pod`, decoded: from the disk cache when a copy of this very
+    /// object (`id`) is there, else from the remote (then kept on disk for the next mount).
+    async fn fetch_version(
+        &self,
+        r: usize,
+        pod: &PodName,
+        version: u64,
+        id: Option<&VersionId>,
+    ) -> FsResult<VersionObject> {
+        let remote = self.remote(r)?;
+        let (Some(cache), Some(id)) = (&self.reader.cache, id) else {
+            return Ok(read_version(&*remote, pod, version).await?);
+        };
+        let key = BlockKey::version_object(&self.remote_name(r)?, pod, version, id);
+        if let Some(bytes) = cache.disk_object(&key).await {
+            match decode_version(pod, version, bytes).await {
+                Ok(obj) => return Ok(obj),
+                Err(e) => {
+                    tracing::warn!(pod = %pod, version, "dropping a cached version object: {e}");
+                    cache.drop_on_disk(&key).await;
+                }
+            }
+        }
+        let bytes = version_bytes(&*remote, pod, version).await?;
+        // Decoding checks it: only a good object is kept.
+        let obj = decode_version(pod, version, bytes.clone()).await?;
+        cache.keep_on_disk(&key, &bytes);
+        Ok(obj)
     }
 
     fn dir_attr(

@@ -107,10 +107,20 @@ pub async fn read_version(
     pod: &PodName,
     version: u64,
 ) -> PodResult<VersionObject> {
-    let bytes = remote
+    let bytes = version_bytes(remote, pod, version).await?;
+    decode_version(pod, version, bytes).await
+}
+
+/// The raw version object of `version` (a missing one is [`PodError::NoSuchVersion`]).
+pub async fn version_bytes(remote: &dyn Remote, pod: &PodName, version: u64) -> PodResult<Bytes> {
+    remote
         .read_version(pod, version)
         .await
-        .map_err(|e| map_missing(remote, pod, version, e))?;
+        .map_err(|e| map_missing(remote, pod, version, e))
+}
+
+/// Decodes (and so checks) a raw version object.
+pub async fn decode_version(pod: &PodName, version: u64, bytes: Bytes) -> PodResult<VersionObject> {
     // Inflating and parsing a large manifest takes seconds: off the async threads (the mount's
     // other operations go on meanwhile).
     let pod = pod.clone();

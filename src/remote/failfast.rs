@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{Remote, RemoteError, RemoteResult, StoredState};
+use super::{Remote, RemoteError, RemoteResult, StoredState, VersionId};
 use crate::name::PodName;
 use crate::progress::Progress;
 
@@ -131,7 +131,7 @@ impl Remote for FailFast {
         guarded!(self, self.inner.read_version(pod, version))
     }
 
-    async fn version_id(&self, pod: &PodName, version: u64) -> RemoteResult<Option<String>> {
+    async fn version_id(&self, pod: &PodName, version: u64) -> RemoteResult<Option<VersionId>> {
         guarded!(self, self.inner.version_id(pod, version))
     }
 

@@ -16,7 +16,7 @@ use bytes::Bytes;
 
 use super::{
     MAX_VERSION_OBJECT, ObjectId, ObjectKind, Remote, RemoteError, RemoteResult, StoredState,
-    check_new_state, numbers_among, object_name, parse_object_name, pods_among,
+    VersionId, check_new_state, numbers_among, object_name, parse_object_name, pods_among,
     version_object_too_large,
 };
 use crate::name::PodName;
@@ -186,18 +186,21 @@ impl Remote for FileRemote {
         .await
     }
 
-    async fn version_id(&self, pod: &PodName, version: u64) -> RemoteResult<Option<String>> {
+    async fn version_id(&self, pod: &PodName, version: u64) -> RemoteResult<Option<VersionId>> {
         let path = self.path(pod, ObjectKind::Version, version);
         blocking(move || match std::fs::metadata(&path) {
             // A commit creates a new file (link or rename), so a new object is a new inode.
-            Ok(m) => Ok(Some(format!(
-                "{}:{}:{}:{}.{}",
-                m.dev(),
-                m.ino(),
-                m.size(),
-                m.mtime(),
-                m.mtime_nsec()
-            ))),
+            Ok(m) => Ok(Some(VersionId {
+                id: format!(
+                    "{}:{}:{}:{}.{}",
+                    m.dev(),
+                    m.ino(),
+                    m.size(),
+                    m.mtime(),
+                    m.mtime_nsec()
+                ),
+                size: m.size(),
+            })),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(RemoteError::io(format!("reading {}", path.display()))(e)),
         })

@@ -13,8 +13,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::{
-    ObjectId, ObjectKind, Remote, RemoteError, RemoteResult, StoredState, check_new_state,
-    numbers_among, object_name, parse_object_name, pods_among,
+    ObjectId, ObjectKind, Remote, RemoteError, RemoteResult, StoredState, VersionId,
+    check_new_state, numbers_among, object_name, parse_object_name, pods_among,
 };
 use crate::name::PodName;
 use crate::progress::Progress;
@@ -89,10 +89,13 @@ impl Remote for MemoryRemote {
             .ok_or(RemoteError::NotFound(name))
     }
 
-    async fn version_id(&self, pod: &PodName, version: u64) -> RemoteResult<Option<String>> {
+    async fn version_id(&self, pod: &PodName, version: u64) -> RemoteResult<Option<VersionId>> {
         let name = object_name(pod, ObjectKind::Version, version);
         // Every version object differs from any other (its info holds a creation time).
-        let id = |b: &Bytes| format!("{:08x}-{}", crc32fast::hash(b), b.len());
+        let id = |b: &Bytes| VersionId {
+            id: format!("{:08x}-{}", crc32fast::hash(b), b.len()),
+            size: b.len() as u64,
+        };
         Ok(self.lock().get(&name).map(id))
     }
 
@@ -219,7 +222,7 @@ impl Remote for FaultyRemote {
     async fn read_version(&self, pod: &PodName, version: u64) -> RemoteResult<Bytes> {
         self.inner.read_version(pod, version).await
     }
-    async fn version_id(&self, pod: &PodName, version: u64) -> RemoteResult<Option<String>> {
+    async fn version_id(&self, pod: &PodName, version: u64) -> RemoteResult<Option<VersionId>> {
         self.inner.version_id(pod, version).await
     }
     async fn read_state(

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{Remote, RemoteResult, StoredState};
+use super::{Remote, RemoteResult, StoredState, VersionId};
 use crate::metrics::{Metrics, RemoteLabels, RequestLabels};
 use crate::name::PodName;
 use crate::progress::Progress;
@@ -71,7 +71,7 @@ impl Remote for Metered {
         self.received(self.count("read_version", r))
     }
 
-    async fn version_id(&self, pod: &PodName, version: u64) -> RemoteResult<Option<String>> {
+    async fn version_id(&self, pod: &PodName, version: u64) -> RemoteResult<Option<VersionId>> {
         self.count("version_id", self.inner.version_id(pod, version).await)
     }
 

@@ -127,6 +127,14 @@ pub fn version_object_too_large(remote: &str, what: &str, size: u64) -> RemoteEr
     }
 }
 
+/// What identifies the object of a committed version, and its size in bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionId {
+    /// Opaque; another object under the same name has another.
+    pub id: String,
+    pub size: u64,
+}
+
 /// A pod-level object store. Versions are immutable once committed.
 ///
 /// Implementations must allow many concurrent calls (the mount issues parallel range reads).
@@ -146,11 +154,11 @@ pub trait Remote: Send + Sync + std::fmt::Debug {
     /// error, before reading it, if it is larger than [`MAX_VERSION_OBJECT`].
     async fn read_version(&self, pod: &PodName, version: u64) -> RemoteResult<Bytes>;
 
-    /// An opaque identity of the object of committed version `version`, or `None` if there is
-    /// none. Any other object stored under that name later (a pod deleted and saved again
+    /// The identity and size of the object of committed version `version`, or `None` if there
+    /// is none. Any other object stored under that name later (a pod deleted and saved again
     /// reuses its numbers) has another identity: the ETag on S3, the manifest digest in a
     /// registry, the inode and mtime in a directory. One small request; nothing is downloaded.
-    async fn version_id(&self, pod: &PodName, version: u64) -> RemoteResult<Option<String>>;
+    async fn version_id(&self, pod: &PodName, version: u64) -> RemoteResult<Option<VersionId>>;
 
     /// Bytes `range` of state object `state`, as referenced by committed version `via` (the
     /// ORAS backend finds the blob through `via`'s manifest): exactly those bytes, or an error

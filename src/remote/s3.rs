@@ -47,7 +47,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     MAX_VERSION_OBJECT, ObjectId, ObjectKind, Remote, RemoteError, RemoteResult, StoredState,
-    check_new_state, numbers_among, object_name, parse_object_name, pods_among,
+    VersionId, check_new_state, numbers_among, object_name, parse_object_name, pods_among,
     version_object_too_large,
 };
 use crate::config::{ChecksumMode, S3Url};
@@ -468,7 +468,7 @@ impl S3Remote {
     }
 
     /// The ETag and modification time of `key` (HEAD), or `None` if it does not exist.
-    async fn etag(&self, key: &str) -> RemoteResult<Option<String>> {
+    async fn etag(&self, key: &str) -> RemoteResult<Option<VersionId>> {
         match self
             .client
             .head_object()
@@ -477,13 +477,19 @@ impl S3Remote {
             .send()
             .await
         {
-            Ok(head) => Ok(Some(format!(
-                "{}@{}",
-                head.e_tag().unwrap_or_default(),
-                head.last_modified()
-                    .map(|t| t.as_nanos())
-                    .unwrap_or_default()
-            ))),
+            Ok(head) => Ok(Some(VersionId {
+                id: format!(
+                    "{}@{}",
+                    head.e_tag().unwrap_or_default(),
+                    head.last_modified()
+                        .map(|t| t.as_nanos())
+                        .unwrap_or_default()
+                ),
+                size: head
+                    .content_length()
+                    .and_then(|n| u64::try_from(n).ok())
+                    .unwrap_or_default(),
+            })),
             Err(e) => match self.classify(e, key) {
                 RemoteError::NotFound(_) => Ok(None),
                 e => Err(e),
@@ -759,7 +765,7 @@ impl Remote for S3Remote {
         self.numbers(pod, ObjectKind::State).await
     }
 
-    async fn version_id(&self, pod: &PodName, version: u64) -> RemoteResult<Option<String>> {
+    async fn version_id(&self, pod: &PodName, version: u64) -> RemoteResult<Option<VersionId>> {
         self.etag(&self.key(pod, ObjectKind::Version, version))
             .await
     }

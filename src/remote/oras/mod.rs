@@ -60,8 +60,8 @@ pub use layout::{POD_ARTIFACT_TYPE, STATE_MEDIA_TYPE, VERSION_MEDIA_TYPE};
 use whole::{FillError, KEEP_AT_LEAST, WholeBlobs};
 
 use super::{
-    ObjectKind, Remote, RemoteError, RemoteResult, StoredState, check_new_state, object_name,
-    parse_object_name,
+    ObjectKind, Remote, RemoteError, RemoteResult, StoredState, VersionId, check_new_state,
+    object_name, parse_object_name,
 };
 use crate::config::OrasUrl;
 use crate::name::PodName;
@@ -683,20 +683,30 @@ impl Remote for OrasRemote {
         self.blob_bytes(&r, layer).await
     }
 
-    async fn version_id(&self, pod: &PodName, version: u64) -> RemoteResult<Option<String>> {
+    async fn version_id(&self, pod: &PodName, version: u64) -> RemoteResult<Option<VersionId>> {
         let r = self
             .reference(pod, &version.to_string(), RegistryOperation::Pull)
             .await?;
         let digest = self.tag_digest(&r).await?;
         // The tag may point elsewhere since its manifest was cached (a pod deleted and saved
         // again): then forget every manifest this remote kept of the pod.
-        let mut manifests = lock(&self.manifests);
-        let cached = manifests.get(&(pod.clone(), version)).map(|(_, d)| d);
-        if cached.is_some() && cached != digest.as_ref() {
-            manifests.retain(|(p, _), _| p != pod);
+        {
+            let mut manifests = lock(&self.manifests);
+            let cached = manifests.get(&(pod.clone(), version)).map(|(_, d)| d);
+            if cached.is_some() && cached != digest.as_ref() {
+                manifests.retain(|(p, _), _| p != pod);
+            }
         }
-        drop(manifests);
-        Ok(digest)
+        let Some(digest) = digest else {
+            return Ok(None);
+        };
+        // The version zip is layer 0 (checked when the manifest was parsed).
+        let manifest = self.pod_manifest(pod, version).await?;
+        let size = manifest.layers.first().map_or(0, |l| l.size);
+        Ok(Some(VersionId {
+            id: digest,
+            size: u64::try_from(size).unwrap_or(0),
+        }))
     }
 
     async fn read_state(
