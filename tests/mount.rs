@@ -484,7 +484,8 @@ fn an_open_file_keeps_its_version() {
     assert_eq!(text, "hello, pods\n");
 }
 
-/// Each bad mount point gets one line saying what is wrong and what to do.
+/// Each bad mount point (and cache dir, and metrics address) gets one line saying what is wrong
+/// and what to do.
 #[test]
 fn bad_mount_points_are_refused_clearly() {
     let podfs = Podfs::new();
@@ -507,6 +508,20 @@ fn bad_mount_points_are_refused_clearly() {
         "remote \"nope\" does not exist",
     );
     podfs.fails(&["unmount", e], "is not a podfs mount");
+    // A cache dir that cannot be made (below a file), a metrics port already taken.
+    let below_file = file.join("cache");
+    podfs.fails(
+        &["mount", e, "--cache-dir", below_file.to_str().unwrap()],
+        "as the block cache directory",
+    );
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    podfs.fails(&["mount", e, "--metrics", &addr], "cannot serve metrics on");
+    podfs.fails(
+        &["mount", e, "--metrics", "nowhere"],
+        "invalid socket address",
+    );
+    assert!(!is_mounted(&empty), "nothing was mounted");
     let m = Mounted::new(&podfs, &[]);
     let p = m.point.to_str().unwrap();
     podfs.fails(&["mount", p], "is already a podfs mount: `podfs unmount");
@@ -643,6 +658,40 @@ fn a_random_read_fetches_only_its_blocks_and_the_caches_serve_it_again() {
         sample(&text, "podfs_cache_disk_hits_total", "") >= 1.0,
         "{text}"
     );
+}
+
+/// Sequential reads of one handle read ahead: after the first 2 MiB of a 64 MiB file (kernel
+/// reads of 128 KiB, in order), blocks past what was read are fetched without being asked for,
+/// and reading on finds them cached (no block is fetched twice).
+#[test]
+fn sequential_reads_read_ahead_in_parallel() {
+    let podfs = Podfs::new();
+    let work = tempfile::tempdir().unwrap();
+    let data = noise(64 * MIB, 21);
+    std::fs::write(work.path().join("big"), &data).unwrap();
+    podfs.ok(&["save", "p", "--from", work.path().to_str().unwrap()]);
+    let addr = format!("127.0.0.1:{}", support::free_port());
+    let m = Mounted::new(&podfs, &["--metrics", &addr]);
+    let fetched = || {
+        let text = scrape(&addr);
+        sample(
+            &text,
+            "podfs_remote_requests_total",
+            r#"remote="default",op="read_state""#,
+        )
+    };
+    let mut f = std::fs::File::open(m.pod("default", "p").join("big")).unwrap();
+    let mut head = vec![0u8; 2 * MIB];
+    f.read_exact(&mut head).unwrap();
+    assert!(head == data[..2 * MIB]);
+    // 2 blocks were read; the window (1 MiB, doubling per read) reaches well past them.
+    wait_until("blocks to be read ahead", Duration::from_secs(30), || {
+        fetched() >= 8.0
+    });
+    let mut rest = Vec::new();
+    f.read_to_end(&mut rest).unwrap();
+    assert!(rest == data[2 * MIB..], "the rest reads back exactly");
+    assert_eq!(fetched(), 64.0, "each block fetched once");
 }
 
 /// Blocks read once are on disk for the next mount (the remote is not needed for them), and a
