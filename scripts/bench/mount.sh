@@ -54,10 +54,12 @@ ls_start=/work/shared/tools/localstack-s3/start.sh
 [ -x "$ls_start" ] || ls_start="$root/../shared/tools/localstack-s3/start.sh"
 
 missing=""
-for tool in cargo curl python3 /usr/bin/time mountpoint fusermount3 rclone s3fs; do
+need="cargo curl python3 /usr/bin/time mountpoint fusermount3"
+[[ " $remotes " == *" s3 "* ]] && need="$need rclone s3fs"
+[[ " $remotes " == *" oras "* ]] && need="$need docker-registry"
+for tool in $need; do
   command -v "$tool" >/dev/null || missing="$missing $tool"
 done
-[[ " $remotes " == *" oras "* ]] && ! command -v docker-registry >/dev/null && missing="$missing docker-registry"
 if [ -n "$missing" ]; then
   echo "bench: missing:$missing" >&2
   echo "bench: install them with: apt-get install -y rclone s3fs fuse3 docker-registry time curl" >&2
