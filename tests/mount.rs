@@ -484,6 +484,54 @@ fn an_open_file_keeps_its_version() {
     assert_eq!(text, "hello, pods\n");
 }
 
+/// Pods store no extended attributes: listing them gives none, reading one is `EOPNOTSUPP` (the
+/// kernel's answer once the daemon said `ENOSYS`), and `cp -a` and `rsync -aX` copy out fine.
+#[test]
+fn extended_attributes_are_not_supported_and_copies_still_work() {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let podfs = Podfs::new();
+    let work = tempfile::tempdir().unwrap();
+    make_tree(work.path(), 0);
+    // rsync 3.5 leaves its own time on a directory or symlink whose mtime is in the current
+    // second (from a mount or not, when it runs right after the tree was made): age the tree.
+    let t = filetime::FileTime::from_unix_time(1_700_000_000, 5);
+    let mut all: Vec<_> = support::snapshot(work.path()).into_keys().collect();
+    all.reverse(); // children before their directory
+    for rel in all {
+        filetime::set_symlink_file_times(work.path().join(rel), t, t).unwrap();
+    }
+    podfs.ok(&["save", "p", "--from", work.path().to_str().unwrap()]);
+    let m = Mounted::new(&podfs, &[]);
+    let root = m.pod("default", "p");
+    let path = CString::new(root.join("hello.txt").as_os_str().as_bytes()).unwrap();
+    for _ in 0..2 {
+        let name = CString::new("user.x").unwrap();
+        let mut buf = [0u8; 64];
+        // SAFETY: valid C strings and a buffer of the length given.
+        let n =
+            unsafe { libc::getxattr(path.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), 64) };
+        assert_eq!(n, -1);
+        let e = std::io::Error::last_os_error();
+        assert_eq!(e.raw_os_error(), Some(libc::EOPNOTSUPP), "{e}");
+    }
+    // SAFETY: a valid C string; a null buffer of length 0 asks for the size.
+    let n = unsafe { libc::listxattr(path.as_ptr(), std::ptr::null_mut(), 0) };
+    assert_eq!(n, 0, "no attributes");
+    let out = tempfile::tempdir().unwrap();
+    for (tool, args) in [("cp", vec!["-a"]), ("rsync", vec!["-aX"])] {
+        let to = out.path().join(tool);
+        let st = Command::new(tool)
+            .args(&args)
+            .arg(format!("{}/", root.display()))
+            .arg(&to)
+            .status()
+            .unwrap();
+        assert!(st.success(), "{tool} {args:?}");
+        assert_same_tree(work.path(), &to);
+    }
+}
+
 /// Each bad mount point (and cache dir, and metrics address) gets one line saying what is wrong
 /// and what to do.
 #[test]

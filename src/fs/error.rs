@@ -12,8 +12,10 @@ pub enum FsError {
     /// No such remote, pod, version or path (or a name that cannot exist, like a non-UTF-8 one).
     #[error("no such file or directory")]
     NotFound,
-    /// `getxattr`: pods store no extended attributes.
-    #[error("no such extended attribute")]
+    /// `getxattr`: pods store no extended attributes. Answered `ENOSYS`, which the kernel
+    /// remembers for the life of the mount (programs then get `EOPNOTSUPP` without asking the
+    /// daemon: `ls -l` asks for two attributes per file otherwise).
+    #[error("extended attributes are not supported")]
     NoXattr,
     /// A path component below a file or a symlink.
     #[error("not a directory")]
@@ -45,7 +47,7 @@ impl FsError {
     pub fn errno(&self) -> i32 {
         match self {
             FsError::NotFound => libc::ENOENT,
-            FsError::NoXattr => libc::ENODATA,
+            FsError::NoXattr => libc::ENOSYS,
             FsError::NotADirectory => libc::ENOTDIR,
             FsError::NotASymlink => libc::EINVAL,
             FsError::Stale => libc::ESTALE,
