@@ -3,9 +3,9 @@
 //!
 //! - A stored (large) file is read in blocks of its manifest's block size. Sequential reads of
 //!   one handle start a read-ahead of [`FIRST_WINDOW`] past the read, doubling with each
-//!   sequential read up to [`MAX_WINDOW`]; its blocks are fetched in parallel, each as its own
-//!   range request, through the cache (a read that needs a block being read ahead waits for
-//!   that fetch instead of starting another). A read elsewhere in the file resets the window
+//!   sequential read up to [`MAX_WINDOW`]; its blocks are fetched in parallel, in range
+//!   requests of up to [`READ_AHEAD_CHUNK`] blocks, through the cache (a read that needs a block
+//!   being read ahead waits for that fetch instead of starting another). A read elsewhere in the file resets the window
 //!   and reads ahead nothing, so a random read fetches only its own blocks.
 //! - A deflated (small) file is fetched and inflated once, then served from the cache.
 //! - Pods saved before block checksums: a large file's blocks are checked for length only, and
@@ -15,6 +15,7 @@ use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
+use futures::FutureExt;
 use tokio::sync::Semaphore;
 
 use super::FsResult;
@@ -31,8 +32,10 @@ use crate::remote::Remote;
 pub const FIRST_WINDOW: u64 = 1 << 20;
 /// The read-ahead window's cap.
 pub const MAX_WINDOW: u64 = 16 << 20;
+/// Blocks read ahead by one range request, at most.
+pub const READ_AHEAD_CHUNK: u64 = 8;
 /// Read-ahead range requests in flight at once, over all files of a mount.
-pub const MAX_READ_AHEAD_REQUESTS: usize = 64;
+pub const MAX_READ_AHEAD_REQUESTS: usize = 16;
 
 /// What an open file handle reads: one file of one version, fixed at `open`.
 #[derive(Debug)]
@@ -195,6 +198,11 @@ impl OpenFile {
                 s.ahead_to = 0;
                 return;
             }
+            // Only when less than half a window is left ahead: then read ahead a whole window
+            // or so at once, in few large requests, rather than a block per read.
+            if s.ahead_to.saturating_sub(range.end) > s.window / 2 {
+                return;
+            }
             let to = range.end.saturating_add(s.window).min(self.entry.size);
             let from = s.ahead_to.max(range.end);
             s.window = (s.window * 2).min(MAX_WINDOW);
@@ -205,7 +213,10 @@ impl OpenFile {
             // Whole blocks past the one the read itself ends in.
             from.div_ceil(b)..to.div_ceil(b)
         };
-        for i in blocks {
+        let mut start = blocks.start;
+        while start < blocks.end {
+            let chunk = start..(start + READ_AHEAD_CHUNK).min(blocks.end);
+            start = chunk.end;
             let file = Arc::clone(self);
             let cache = Arc::clone(cache);
             let permits = Arc::clone(&reader.read_ahead);
@@ -213,13 +224,49 @@ impl OpenFile {
                 let Ok(_permit) = permits.acquire_owned().await else {
                     return;
                 };
-                // A failed read-ahead is retried by the read that needs the block, which
-                // reports the error.
-                if let Err(e) = file.block(&cache, i).await {
-                    tracing::debug!(pod = %file.pod, version = file.version, "read-ahead of block {i} of {:?} failed: {e}", file.entry.path);
-                }
+                file.read_ahead_chunk(&cache, chunk).await;
             });
         }
+    }
+
+    /// Reads blocks `chunk` ahead, into the cache: those not cached nor being fetched already
+    /// come from one range request for the whole chunk (fewer, larger requests: a remote's cost
+    /// per request is what limits a sequential read).
+    async fn read_ahead_chunk(&self, cache: &BlockCache, chunk: Range<u64>) {
+        let entry = &self.entry;
+        let span = block_range(entry, chunk.start).start..block_range(entry, chunk.end - 1).end;
+        let whole = read_stored(&*self.remote, &self.pod, self.version, entry, span.clone())
+            .map(|r| r.map_err(|e| e.to_string()))
+            .shared();
+        let offset = entry.data.as_ref().map_or(0, |d| d.offset);
+        let gets = chunk.map(|i| {
+            let r = block_range(entry, i);
+            let whole = whole.clone();
+            let fetch = async move {
+                let bytes = whole.await.map_err(|detail| {
+                    PodError::Remote(crate::remote::RemoteError::Other {
+                        remote: self.remote_name.clone(),
+                        detail,
+                    })
+                })?;
+                let at = (r.start - span.start) as usize..(r.end - span.start) as usize;
+                Ok::<_, PodError>(bytes.slice(at))
+            };
+            let key = self.key(offset + r.start, r.end - r.start);
+            async move {
+                let check = |bytes: &[u8]| self.check_block(i, bytes);
+                let got = match key {
+                    Some(k) => cache.get_or_fetch(&k, fetch, check).await.map(drop),
+                    None => Ok(()),
+                };
+                // A failed read-ahead is retried by the read that needs the block, which
+                // reports the error.
+                if let Err(e) = got {
+                    tracing::debug!(pod = %self.pod, version = self.version, "read-ahead of block {i} of {:?} failed: {e}", entry.path);
+                }
+            }
+        });
+        futures::future::join_all(gets).await;
     }
 
     fn damaged(&self, r: Range<u64>) -> PodError {
@@ -256,5 +303,89 @@ impl OpenFile {
                 version: self.version,
                 reason: format!("{:?}: the data is damaged (CRC-32 mismatch)", entry.path),
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::CacheConfig;
+    use crate::pod::manifest::{DataRef, Kind};
+    use crate::remote::memory::MemoryRemote;
+
+    /// A large stored file of a pod saved before block checksums, in state object 1 of pod
+    /// `p` on a memory remote, whose whole-file CRC-32 is that of `claimed`.
+    fn old_file(data: &[u8], claimed: &[u8]) -> (Arc<OpenFile>, Reader) {
+        let remote = MemoryRemote::new();
+        remote.put_raw("localstack-pod-p-state-1.zip", Bytes::copy_from_slice(data));
+        let entry = Entry {
+            path: "big".into(),
+            kind: Kind::File,
+            mode: 0o644,
+            mtime: 0,
+            mtime_nsec: 0,
+            size: data.len() as u64,
+            target: None,
+            data: Some(DataRef {
+                state: 1,
+                offset: 0,
+                csize: data.len() as u64,
+                method: Method::Stored,
+                crc32: crc32fast::hash(claimed),
+                blocks: None,
+            }),
+        };
+        let file = OpenFile::new(
+            Arc::new(remote),
+            "mem".into(),
+            PodName::new("p").unwrap(),
+            1,
+            entry,
+            Some("0123456789abcdef0123456789abcdef".into()),
+        );
+        let cache = BlockCache::new(CacheConfig::default()).unwrap();
+        (Arc::new(file), Reader::new(Some(Arc::new(cache))))
+    }
+
+    async fn read_in_order(
+        file: &Arc<OpenFile>,
+        reader: &Reader,
+        len: u64,
+    ) -> Vec<FsResult<Bytes>> {
+        let mut out = Vec::new();
+        let mut at = 0;
+        while at < len {
+            out.push(file.read(reader, at..at + (128 << 10)).await);
+            at += 128 << 10;
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn an_old_pods_large_file_is_checked_whole_when_one_handle_reads_it_in_order() {
+        let data: Vec<u8> = (0..(3 << 20) + 5).map(|i| (i % 251) as u8).collect();
+        let (good, reader) = old_file(&data, &data);
+        let reads = read_in_order(&good, &reader, data.len() as u64).await;
+        assert!(
+            reads.iter().all(Result::is_ok),
+            "a matching file reads whole"
+        );
+
+        let mut other = data.clone();
+        other[(2 << 20) + 9] ^= 1;
+        let (bad, reader) = old_file(&data, &other);
+        let mut reads = read_in_order(&bad, &reader, data.len() as u64).await;
+        let last = reads.pop().unwrap();
+        assert!(
+            reads.iter().all(Result::is_ok),
+            "bytes before the end cannot be checked yet"
+        );
+        let e = last.unwrap_err();
+        assert!(e.to_string().contains("damaged"), "{e}");
+
+        // A handle that skips ahead checks nothing (it cannot).
+        let (bad, reader) = old_file(&data, &other);
+        assert!(bad.read(&reader, (1 << 20)..(2 << 20)).await.is_ok());
+        assert!(bad.read(&reader, 0..data.len() as u64).await.is_ok());
     }
 }
