@@ -247,7 +247,12 @@ impl Filesystem for Adapter {
         let fs = Arc::clone(&self.fs);
         self.spawn("opendir", req, ino.0, async move {
             match fs.opendir(ino.0).await {
-                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                // A version's directory never changes: the kernel may keep its listing.
+                Ok((fh, true)) => reply.opened(
+                    FileHandle(fh),
+                    FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
+                ),
+                Ok((fh, false)) => reply.opened(FileHandle(fh), FopenFlags::empty()),
                 Err(e) => reply.error(failed("opendir", ino.0, &e)),
             }
         });

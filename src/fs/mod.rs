@@ -763,12 +763,14 @@ impl PodFs {
     }
 
     /// Opens directory `ino`: its listing is taken now and served by [`PodFs::readdir`] and
-    /// [`PodFs::readdirplus`].
-    pub async fn opendir(&self, ino: u64) -> FsResult<u64> {
+    /// [`PodFs::readdirplus`]. Also says whether the listing can never change (a directory of
+    /// a version), so that the kernel may keep it.
+    pub async fn opendir(&self, ino: u64) -> FsResult<(u64, bool)> {
         let entries = self.list(ino).await?;
+        let immutable = matches!(self.node(ino)?, Node::Path { .. });
         let fh = self.handle();
         lock(&self.dirs).insert(fh, Arc::new(entries));
-        Ok(fh)
+        Ok((fh, immutable))
     }
 
     fn listing(&self, fh: u64) -> FsResult<Arc<Vec<Listed>>> {
@@ -953,7 +955,7 @@ mod tests {
     }
 
     async fn names(fs: &PodFs, ino: u64) -> Vec<String> {
-        let fh = fs.opendir(ino).await.unwrap();
+        let (fh, _) = fs.opendir(ino).await.unwrap();
         let out = fs.readdir(fh, 0).unwrap();
         fs.releasedir(fh);
         out.into_iter().map(|(_, e)| e.name).collect()
