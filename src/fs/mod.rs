@@ -413,7 +413,7 @@ impl PodFs {
         let (Some(cache), Some(id)) = (&self.reader.cache, id) else {
             return Ok(read_version(&*remote, pod, version).await?);
         };
-        let key = BlockKey::version_object(&self.remote_name(r)?, pod, version, id);
+        let key = BlockKey::version_object(remote.name(), pod, version, id);
         if let Some(bytes) = cache.disk_object(&key).await {
             match decode_version(pod, version, bytes).await {
                 Ok(obj) => return Ok(obj),
@@ -861,14 +861,7 @@ impl PodFs {
             .as_ref()
             .and_then(|d| obj.state_id(d.state))
             .map(str::to_owned);
-        let file = OpenFile::new(
-            self.remote(remote)?,
-            self.remote_name(remote)?,
-            pod,
-            version,
-            entry.clone(),
-            state_id,
-        );
+        let file = OpenFile::new(self.remote(remote)?, pod, version, entry.clone(), state_id);
         let fh = self.handle();
         lock(&self.files).insert(fh, Arc::new(file));
         Ok(fh)

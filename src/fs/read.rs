@@ -40,9 +40,8 @@ pub const MAX_READ_AHEAD_REQUESTS: usize = 16;
 /// What an open file handle reads: one file of one version, fixed at `open`.
 #[derive(Debug)]
 pub struct OpenFile {
+    /// Its configured name (`Remote::name`) is part of every cache key.
     pub(super) remote: Arc<dyn Remote>,
-    /// The remote's configured name: part of every cache key.
-    pub(super) remote_name: String,
     pub(super) pod: PodName,
     pub(super) version: u64,
     pub(super) entry: Entry,
@@ -85,7 +84,6 @@ impl Reader {
 impl OpenFile {
     pub(super) fn new(
         remote: Arc<dyn Remote>,
-        remote_name: String,
         pod: PodName,
         version: u64,
         entry: Entry,
@@ -100,7 +98,6 @@ impl OpenFile {
             .flatten();
         Self {
             remote,
-            remote_name,
             pod,
             version,
             entry,
@@ -117,7 +114,7 @@ impl OpenFile {
     /// The cache key of `len` bytes at `offset` of this file's state object.
     fn key(&self, offset: u64, len: u64) -> Option<BlockKey> {
         let state_id = self.state_id.as_deref()?;
-        BlockKey::new(&self.remote_name, &self.pod, Some(state_id), offset, len)
+        BlockKey::new(self.remote.name(), &self.pod, Some(state_id), offset, len)
     }
 
     /// Bytes `range` of the file (fewer at its end), checked.
@@ -254,7 +251,7 @@ impl OpenFile {
             let fetch = async move {
                 let bytes = whole.await.map_err(|detail| {
                     PodError::Remote(crate::remote::RemoteError::Other {
-                        remote: self.remote_name.clone(),
+                        remote: self.remote.name().to_owned(),
                         detail,
                     })
                 })?;
@@ -346,7 +343,6 @@ mod tests {
         };
         let file = OpenFile::new(
             Arc::new(remote),
-            "mem".into(),
             PodName::new("p").unwrap(),
             1,
             entry,

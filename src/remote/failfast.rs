@@ -6,7 +6,10 @@
 use std::ops::Range;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// tokio's clock, so tests can move time instead of waiting for it.
+use tokio::time::Instant;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -189,7 +192,7 @@ mod tests {
     use super::*;
     use crate::remote::memory::{Call, FaultyRemote, MakeError, MemoryRemote};
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_failure_to_reach_the_remote_is_answered_at_once_for_a_while() {
         let pod = PodName::new("p").unwrap();
         let faulty = Arc::new(FaultyRemote::new(Arc::new(MemoryRemote::new())));
@@ -204,7 +207,7 @@ mod tests {
         // Held: not even asked (the memory remote would say "not found").
         let held = ff.list_versions(&pod).await.unwrap_err();
         assert!(held.to_string().contains("not asked again"), "{held}");
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        tokio::time::advance(Duration::from_millis(400)).await;
         assert_eq!(ff.list_versions(&pod).await.unwrap(), Vec::<u64>::new());
         assert!(
             ff.read_state(&pod, 1, 1, 0..1)
