@@ -721,6 +721,9 @@ pub fn mount_in_background(ctx: &Context, args: &MountArgs) -> Result<()> {
         .arg("--memory-cache")
         .arg(args.memory_cache.to_string());
     if let Some(dir) = &args.cache_dir {
+        // The daemon runs in `/`: a relative directory is the caller's.
+        let dir = fence::absolute(dir)
+            .with_context(|| format!("cannot resolve --cache-dir {}", dir.display()))?;
         cmd.arg("--cache-dir").arg(dir);
     }
     if args.allow_other {

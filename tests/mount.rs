@@ -443,6 +443,7 @@ fn sigterm_and_umount_end_the_daemon_cleanly() {
 }
 
 /// `podfs mount X && ls X` works: the command returns once mounted, the daemon keeps serving.
+/// A relative `--cache-dir` is the caller's, not the daemon's (which runs in `/`).
 #[test]
 fn mount_returns_once_ready_and_serves_in_the_background() {
     let podfs = Podfs::new();
@@ -450,15 +451,23 @@ fn mount_returns_once_ready_and_serves_in_the_background() {
     let dir = tempfile::tempdir().unwrap();
     let point = dir.path().canonicalize().unwrap();
     let p = point.to_str().unwrap();
+    let cwd = tempfile::tempdir().unwrap();
     let out = Command::new("sh")
         .arg("-c")
         .arg(format!(
-            "'{}' mount '{p}' && ls '{p}' '{p}/default' && cat '{p}/default/p/hello.txt'",
+            "'{}' mount '{p}' --cache-dir my-cache && ls '{p}' '{p}/default' \
+             && cat '{p}/default/p/hello.txt'",
             env!("CARGO_BIN_EXE_podfs")
         ))
+        .current_dir(cwd.path())
         .env("PODFS_HOME", podfs.home.path())
         .output()
         .unwrap();
+    // The read block goes to disk in the background.
+    let cache = cwd.path().join("my-cache");
+    wait_until("a block in ./my-cache", Duration::from_secs(30), || {
+        cached_blocks(&cache) > 0
+    });
     let shown = String::from_utf8_lossy(&out.stdout).into_owned();
     podfs.ok(&["unmount", p]);
     assert!(
@@ -847,4 +856,19 @@ fn save_and_load_leave_a_podfs_mount_inside_the_tree_alone() {
         std::fs::read_to_string(m.pod("default", "p").join("hello.txt")).unwrap(),
         "hello, pods\n"
     );
+}
+
+/// How many block files the disk cache `dir` holds (its hidden lock and temp files left out).
+fn cached_blocks(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => cached_blocks(&e.path()),
+            Ok(t) if t.is_file() && !e.file_name().to_string_lossy().starts_with('.') => 1,
+            _ => 0,
+        })
+        .sum()
 }
