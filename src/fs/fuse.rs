@@ -579,6 +579,9 @@ pub fn mount(
             tracing::debug!("dropping the kernel's entry {name:?} in inode {parent}: {e}");
         }
     });
+    if let Err(why) = mountpoint::raise_read_ahead(point) {
+        tracing::info!("{why}");
+    }
     let unmounter = session.unmount_callable();
     let (tx, done) = oneshot::channel();
     std::thread::Builder::new()
