@@ -729,7 +729,7 @@ fn a_random_read_fetches_only_its_blocks_and_the_caches_serve_it_again() {
 }
 
 /// Sequential reads of one handle read ahead: after the first 2 MiB of a 64 MiB file (kernel
-/// reads of 128 KiB, in order), blocks past what was read are fetched without being asked for,
+/// reads in order), blocks past what was read are fetched without being asked for,
 /// in range requests of several blocks, and reading on finds them cached: every block is
 /// fetched exactly once, in fewer requests than blocks.
 #[test]
@@ -746,9 +746,10 @@ fn sequential_reads_read_ahead_in_large_requests() {
     let mut head = vec![0u8; 2 * MIB];
     f.read_exact(&mut head).unwrap();
     assert!(head == data[..2 * MIB]);
-    // 2 blocks were read; the window (1 MiB, doubling per read) reaches well past them.
+    // 2 blocks were read (in 1 MiB kernel reads, or 128 KiB ones without root); the window
+    // (1 MiB, doubling per read) reaches past them.
     wait_until("blocks to be read ahead", Duration::from_secs(30), || {
-        blocks() >= 8.0
+        blocks() >= 4.0
     });
     let mut rest = Vec::new();
     f.read_to_end(&mut rest).unwrap();
