@@ -5,8 +5,10 @@
 //!   one handle start a read-ahead of [`FIRST_WINDOW`] past the read, doubling with each
 //!   sequential read up to [`MAX_WINDOW`]; its blocks are fetched in parallel, in range
 //!   requests of up to [`READ_AHEAD_CHUNK`] blocks, through the cache (a read that needs a block
-//!   being read ahead waits for that fetch instead of starting another). A read elsewhere in the file resets the window
-//!   and reads ahead nothing, so a random read fetches only its own blocks.
+//!   being read ahead waits for that fetch instead of starting another). A read starting
+//!   within [`OUT_OF_ORDER_BLOCKS`] of where the handle's reads have got to is sequential (the
+//!   kernel's reads may be answered out of order); a read elsewhere in the file resets the
+//!   window and reads ahead nothing, so a random read fetches only its own blocks.
 //! - A deflated (small) file is fetched and inflated once, then served from the cache.
 //! - Pods saved before block checksums: a large file's blocks are checked for length only, and
 //!   the whole-file CRC-32 when one handle has read it from start to end in order.
@@ -34,6 +36,9 @@ pub const FIRST_WINDOW: u64 = 1 << 20;
 pub const MAX_WINDOW: u64 = 16 << 20;
 /// Blocks read ahead by one range request, at most.
 pub const READ_AHEAD_CHUNK: u64 = 8;
+/// How far (in blocks) from where a handle's reads have got to a read may start and still
+/// count as sequential.
+pub const OUT_OF_ORDER_BLOCKS: u64 = 4;
 /// Read-ahead range requests in flight at once, over all files of a mount.
 pub const MAX_READ_AHEAD_REQUESTS: usize = 16;
 
@@ -195,10 +200,15 @@ impl OpenFile {
         let b = block_size(&self.entry);
         let blocks = {
             let mut s = lock(&self.stream);
-            // The kernel may send a stream's reads slightly out of order: within a block is
-            // still in order.
-            let sequential = range.start.abs_diff(s.next) <= b;
-            s.next = range.end;
+            // The kernel sends a file's reads a few at a time (its own read-ahead, 1 MiB each),
+            // and the session's threads may answer them out of order: a read starting within a
+            // few blocks of where the furthest one ended is still in order.
+            let sequential = range.start.abs_diff(s.next) <= OUT_OF_ORDER_BLOCKS * b;
+            s.next = if sequential {
+                s.next.max(range.end)
+            } else {
+                range.end
+            };
             if !sequential {
                 s.window = FIRST_WINDOW;
                 s.ahead_to = 0;
@@ -392,5 +402,23 @@ mod tests {
         let (bad, reader) = old_file(&data, &other);
         assert!(bad.read(&reader, (1 << 20)..(2 << 20)).await.is_ok());
         assert!(bad.read(&reader, 0..data.len() as u64).await.is_ok());
+    }
+
+    /// Reads that arrive a little out of order (the kernel sends a few at once and the
+    /// session's threads answer them in any order) still count as sequential: the read-ahead
+    /// window keeps growing instead of starting again at its first size.
+    #[tokio::test]
+    async fn reads_a_little_out_of_order_keep_the_read_ahead_window() {
+        let data: Vec<u8> = (0..(12 << 20)).map(|i| (i % 249) as u8).collect();
+        let (file, reader) = old_file(&data, &data);
+        for i in [0u64, 2, 1, 3, 5, 4, 6, 8, 7, 9] {
+            let got = file
+                .read(&reader, (i << 20)..((i + 1) << 20))
+                .await
+                .unwrap();
+            assert!(got == data[(i << 20) as usize..((i + 1) << 20) as usize]);
+        }
+        let window = lock(&file.stream).window;
+        assert_eq!(window, MAX_WINDOW, "the window was reset on the way");
     }
 }
