@@ -31,6 +31,7 @@
 #   BENCH_HUGE_MB=4096       size of huge.bin, streamed for the peak RSS (MiB; 0 skips it)
 #   BENCH_MANY_FILES=100000  files in the `many` pod (1,000 per directory, ~100 bytes each)
 #   BENCH_TTFB_RUNS=5        random 4 KiB reads per tool (one fresh mount each)
+#   BENCH_REPEAT=3           rounds of measurements 1 and 4 (tools take turns; medians shown)
 #   BENCH_REMOTES="s3 oras"  which remotes to run
 #   BENCH_LS_DIR=DIR         where LocalStack's venv lives (kept between runs; default
 #                            ~/.cache/podfs/localstack-s3)
@@ -48,6 +49,7 @@ par_mb=${BENCH_PAR_MB:-256}
 huge_mb=${BENCH_HUGE_MB:-4096}
 many=${BENCH_MANY_FILES:-100000}
 ttfb_runs=${BENCH_TTFB_RUNS:-5}
+repeat=${BENCH_REPEAT:-3}
 remotes=${BENCH_REMOTES:-s3 oras}
 ls_dir=${BENCH_LS_DIR:-$HOME/.cache/podfs/localstack-s3}
 ls_start=/work/shared/tools/localstack-s3/start.sh
@@ -218,15 +220,16 @@ export PODFS_HOME="$work/home" AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=ben
 # AWS_CA_BUNDLE (set by some environments) makes rclone refuse to start even for plain HTTP.
 unset AWS_PROFILE AWS_ENDPOINT_URL AWS_ENDPOINT_URL_S3 AWS_CA_BUNDLE
 
-# Local baselines, once (both remotes compare with them).
+# Local baselines for the tree walks, once (both remotes compare with them; the local file
+# reads take turns with the tools, below).
 echo "bench: local disk" >&2
-drop_caches; timed read_file "$tree/data/big.bin"; local_cold=$secs
-timed read_file "$tree/data/big.bin"; local_warm=$secs
 drop_caches; timed ls -lR "$tree/many"; local_ls_cold=$secs
 timed ls -lR "$tree/many"; local_ls_warm=$secs
 drop_caches; timed find "$tree/many"; local_find_cold=$secs
 timed find "$tree/many"; local_find_warm=$secs
 
+median3() { python3 -c 'import statistics, sys; print(f"{statistics.median(float(x) for x in sys.argv[1:]):.3f}")' "$@"; }
+maximum() { python3 -c 'import sys; print(max(int(x) for x in sys.argv[1:]))' "$@"; }
 median() { python3 -c 'import statistics, sys; print(f"{statistics.median(float(x) for x in sys.argv[1:]):.1f}")' "$@"; }
 
 # ttfb FILE OFFSET LOCAL: prints the milliseconds an open + 4 KiB pread of FILE at OFFSET takes
@@ -346,34 +349,58 @@ for l in json.load(sys.stdin)["layers"]:
   local m4b="4 re-read from the disk cache, $big_mb MiB (new mount, page cache dropped)"
   local mr="1 client peak RSS, cold sequential $big_mb MiB"
 
-  # 1 and 4: cold sequential, then warm and disk-cache re-reads.
-  echo "bench: $remote: cold sequential read" >&2
-  for tool in $(clients); do
-    [ "$tool" = podfs ] && subject=podfs || subject="$tool mount"
-    mount_client "$tool"
-    stat "$base/big.bin" >/dev/null
-    drop_caches; timed read_file "$base/big.bin"
-    record "$remote" "$m1" "$subject" "$secs" s "$big_mb"
-    if [ "$tool" = podfs ]; then
-      timed read_file "$base/big.bin"
-      record "$remote" "$m4" podfs "$secs" s "$big_mb"
-      cmp "$base/big.bin" "$tree/data/big.bin" # (untimed) the bytes the cold read left in the page cache
-      stop_mount
-      record "$remote" "$mr" podfs "$rss_mib" MiB
-      podfs_mount # the same cache dir
+  # 1 and 4: cold sequential, then warm and disk-cache re-reads. This machine's storage and the
+  # servers change speed from one minute to the next, so every tool, the curl baseline and the
+  # local file take turns, $repeat rounds; the median is shown (peak RSS: the highest).
+  echo "bench: $remote: cold sequential read ($repeat rounds)" >&2
+  local -A runs=()
+  local round key
+  for round in $(seq 1 "$repeat"); do
+    for tool in $(clients) curl local; do
+      case "$tool" in
+        curl)
+          drop_caches; timed curl_all "$state_url" "$(byte_range big.bin)"
+          runs["curl range GET|$m1"]+="$secs "
+          continue ;;
+        local)
+          drop_caches; timed read_file "$tree/data/big.bin"
+          runs["local file, cold|$m4b"]+="$secs "
+          timed read_file "$tree/data/big.bin"
+          runs["local file, warm|$m4"]+="$secs "
+          continue ;;
+      esac
+      [ "$tool" = podfs ] && subject=podfs || subject="$tool mount"
+      mount_client "$tool"
       stat "$base/big.bin" >/dev/null
       drop_caches; timed read_file "$base/big.bin"
-      record "$remote" "$m4b" podfs "$secs" s "$big_mb"
-      stop_mount
+      runs["$subject|$m1"]+="$secs "
+      if [ "$tool" = podfs ]; then
+        timed read_file "$base/big.bin"
+        runs["podfs|$m4"]+="$secs "
+        cmp "$base/big.bin" "$tree/data/big.bin" # (untimed) the bytes the cold read left in the page cache
+        stop_mount
+        runs["podfs|$mr"]+="$rss_mib "
+        podfs_mount # the same cache dir
+        stat "$base/big.bin" >/dev/null
+        drop_caches; timed read_file "$base/big.bin"
+        runs["podfs|$m4b"]+="$secs "
+        stop_mount
+      else
+        stop_mount
+        runs["$subject|$mr"]+="$rss_mib "
+      fi
+    done
+  done
+  local keys
+  mapfile -t keys < <(printf '%s\n' "${!runs[@]}" | sort) # a stable order of baselines
+  for key in "${keys[@]}"; do
+    # shellcheck disable=SC2086 # the samples are words
+    if [[ "$key" == *"|$mr" ]]; then
+      record "$remote" "${key#*|}" "${key%%|*}" "$(maximum ${runs[$key]})" MiB
     else
-      stop_mount
-      record "$remote" "$mr" "$subject" "$rss_mib" MiB
+      record "$remote" "${key#*|}" "${key%%|*}" "$(median3 ${runs[$key]})" s "$big_mb"
     fi
   done
-  drop_caches; timed curl_all "$state_url" "$(byte_range big.bin)"
-  record "$remote" "$m1" "curl range GET" "$secs" s "$big_mb"
-  record "$remote" "$m4" "local file, warm" "$local_warm" s "$big_mb"
-  record "$remote" "$m4b" "local file, cold" "$local_cold" s "$big_mb"
 
   # 2: four readers at once.
   echo "bench: $remote: four readers at once" >&2
