@@ -598,14 +598,27 @@ fn bad_mount_points_are_refused_clearly() {
 /// A pod `p` holding `big`, 3 MiB of noise (three 1 MiB blocks, each with its CRC-32C); returns
 /// the bytes and where the file's data starts in state object 1.
 fn big_pod(podfs: &Podfs) -> (Vec<u8>, u64) {
-    let work = tempfile::tempdir().unwrap();
-    let data = noise(3 * MIB, 11);
-    std::fs::write(work.path().join("big"), &data).unwrap();
-    podfs.ok(&["save", "p", "--from", work.path().to_str().unwrap()]);
+    let data = one_file_pod(podfs, 3 * MIB, 11);
     let v: serde_json::Value =
         serde_json::from_str(&podfs.ok(&["inspect", "p", "--json"])).unwrap();
     let offset = v["entries"][0]["data"]["offset"].as_u64().unwrap();
     (data, offset)
+}
+
+/// Saves pod `p` on the default remote with one file, `big`: `size` bytes of noise from `seed`,
+/// which it returns.
+fn one_file_pod(podfs: &Podfs, size: usize, seed: u64) -> Vec<u8> {
+    let work = tempfile::tempdir().unwrap();
+    let data = noise(size, seed);
+    std::fs::write(work.path().join("big"), &data).unwrap();
+    podfs.ok(&["save", "p", "--from", work.path().to_str().unwrap()]);
+    data
+}
+
+/// A mount serving metrics, and their address.
+fn mounted_with_metrics(podfs: &Podfs) -> (Mounted, String) {
+    let addr = format!("127.0.0.1:{}", support::free_port());
+    (Mounted::new(podfs, &["--metrics", &addr]), addr)
 }
 
 /// Flips one byte of `path` at `at`.
@@ -735,12 +748,8 @@ fn a_random_read_fetches_only_its_blocks_and_the_caches_serve_it_again() {
 #[test]
 fn sequential_reads_read_ahead_in_large_requests() {
     let podfs = Podfs::new();
-    let work = tempfile::tempdir().unwrap();
-    let data = noise(64 * MIB, 21);
-    std::fs::write(work.path().join("big"), &data).unwrap();
-    podfs.ok(&["save", "p", "--from", work.path().to_str().unwrap()]);
-    let addr = format!("127.0.0.1:{}", support::free_port());
-    let m = Mounted::new(&podfs, &["--metrics", &addr]);
+    let data = one_file_pod(&podfs, 64 * MIB, 21);
+    let (m, addr) = mounted_with_metrics(&podfs);
     let blocks = || sample(&scrape(&addr), "podfs_cache_fetches_total", "");
     let mut f = std::fs::File::open(m.pod("default", "p").join("big")).unwrap();
     let mut head = vec![0u8; 2 * MIB];
@@ -774,12 +783,8 @@ fn sequential_reads_read_ahead_in_large_requests() {
 #[test]
 fn the_kernel_reads_a_sequential_file_a_mib_at_a_time() {
     let podfs = Podfs::new();
-    let work = tempfile::tempdir().unwrap();
-    let data = noise(16 * MIB, 22);
-    std::fs::write(work.path().join("big"), &data).unwrap();
-    podfs.ok(&["save", "p", "--from", work.path().to_str().unwrap()]);
-    let addr = format!("127.0.0.1:{}", support::free_port());
-    let m = Mounted::new(&podfs, &["--metrics", &addr]);
+    let data = one_file_pod(&podfs, 16 * MIB, 22);
+    let (m, addr) = mounted_with_metrics(&podfs);
     // SAFETY: geteuid cannot fail and touches no memory.
     if unsafe { libc::geteuid() } != 0 {
         wait_until("the log to say how", Duration::from_secs(30), || {

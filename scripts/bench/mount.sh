@@ -228,9 +228,9 @@ timed ls -lR "$tree/many"; local_ls_warm=$secs
 drop_caches; timed find "$tree/many"; local_find_cold=$secs
 timed find "$tree/many"; local_find_warm=$secs
 
-median3() { python3 -c 'import statistics, sys; print(f"{statistics.median(float(x) for x in sys.argv[1:]):.3f}")' "$@"; }
 maximum() { python3 -c 'import sys; print(max(int(x) for x in sys.argv[1:]))' "$@"; }
-median() { python3 -c 'import statistics, sys; print(f"{statistics.median(float(x) for x in sys.argv[1:]):.1f}")' "$@"; }
+# median DIGITS SAMPLES...: the median, with DIGITS decimals.
+median() { python3 -c 'import statistics, sys; print(f"{statistics.median(float(x) for x in sys.argv[2:]):.{sys.argv[1]}f}")' "$@"; }
 
 # ttfb FILE OFFSET LOCAL: prints the milliseconds an open + 4 KiB pread of FILE at OFFSET takes
 # (interpreter start-up not included), after checking the bytes against LOCAL.
@@ -398,7 +398,7 @@ for l in json.load(sys.stdin)["layers"]:
     if [[ "$key" == *"|$mr" ]]; then
       record "$remote" "${key#*|}" "${key%%|*}" "$(maximum ${runs[$key]})" MiB
     else
-      record "$remote" "${key#*|}" "${key%%|*}" "$(median3 ${runs[$key]})" s "$big_mb"
+      record "$remote" "${key#*|}" "${key%%|*}" "$(median 3 ${runs[$key]})" s "$big_mb"
     fi
   done
 
@@ -433,8 +433,8 @@ for l in json.load(sys.stdin)["layers"]:
       stop_mount
     done
     [ "$tool" = podfs ] && subject=podfs || subject="$tool mount"
-    record "$remote" "$m3" "$subject" "$(median "${lookup_samples[@]}")" ms
-    record "$remote" "$m3b" "$subject" "$(median "${fresh_samples[@]}")" ms
+    record "$remote" "$m3" "$subject" "$(median 1 "${lookup_samples[@]}")" ms
+    record "$remote" "$m3b" "$subject" "$(median 1 "${fresh_samples[@]}")" ms
   done
   curl_samples=()
   for off in $offsets; do
@@ -443,8 +443,8 @@ for l in json.load(sys.stdin)["layers"]:
       -r "$((${range[big.bin]} + off))-$((${range[big.bin]} + off + 4095))" "$state_url" \
       | python3 -c 'import sys; print(float(sys.stdin.read()) * 1000)')")
   done
-  record "$remote" "$m3" "curl range GET of 4 KiB" "$(median "${curl_samples[@]}")" ms
-  record "$remote" "$m3b" "curl range GET of 4 KiB" "$(median "${curl_samples[@]}")" ms
+  record "$remote" "$m3" "curl range GET of 4 KiB" "$(median 1 "${curl_samples[@]}")" ms
+  record "$remote" "$m3b" "curl range GET of 4 KiB" "$(median 1 "${curl_samples[@]}")" ms
 
   # 5: ls -lR and find of many small files.
   echo "bench: $remote: ls -lR and find of $many files" >&2

@@ -155,7 +155,7 @@ impl OpenFile {
             bytes.slice(from as usize..to as usize)
         };
         let out = if blocks.end - blocks.start == 1 {
-            // Most reads (the kernel's are 128 KiB) fall inside one block.
+            // Most reads fall inside one block (the kernel asks for at most 1 MiB at a time).
             part(blocks.start, &self.block(cache, blocks.start).await?)
         } else {
             let mut out = BytesMut::with_capacity((end - range.start) as usize);
