@@ -39,7 +39,10 @@ pub const CACHE_FORMAT: u32 = 1;
 /// First bytes of every block file.
 const MAGIC: &[u8; 8] = b"PODFSBLK";
 /// Prefix of files being written.
-const TMP_PREFIX: &str = ".tmp";
+pub(super) const TMP_PREFIX: &str = ".tmp";
+/// Ends the encoded key of a whole-file copy (src/cache/copies.rs): a block's encoding ends with
+/// its fixed-size offset and length, so no block key encodes to a copy's.
+const COPY_SUFFIX: &[u8] = b"whole file";
 /// A temp file older than this was left by a crash and is removed by the next scan.
 const TMP_MAX_AGE: Duration = Duration::from_secs(3600);
 /// Eviction stops once the directory is under this share of the bound (in percent).
@@ -175,6 +178,35 @@ impl DiskTier {
         self.path(&encode_key(key))
     }
 
+    /// Where the whole-file copy of the bytes `key` names lives (no header: the file's bytes).
+    pub(super) fn copy_path(&self, key: &BlockKey) -> PathBuf {
+        let mut enc = encode_key(key);
+        enc.extend_from_slice(COPY_SUFFIX);
+        self.path(&enc)
+    }
+
+    /// Counts `len` bytes just written under the root, evicting if that passes the bound.
+    /// Blocking.
+    pub(super) fn added(&self, len: u64, counters: &Counters) {
+        let size = self.size.fetch_add(len, Relaxed) + len;
+        if size > self.max_bytes {
+            self.rescan(counters);
+        }
+    }
+
+    /// Removes the file at `path`, of `len` bytes, if it is there. Blocking.
+    pub(super) fn remove_file(&self, path: &Path, len: u64) {
+        match fs::remove_file(path) {
+            Ok(()) => {
+                let _ = self
+                    .size
+                    .fetch_update(Relaxed, Relaxed, |s| Some(s.saturating_sub(len)));
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => warn_io("remove", None, path, &e),
+        }
+    }
+
     fn path(&self, enc: &[u8]) -> PathBuf {
         let name = hex::encode(Sha256::digest(enc));
         self.root.join(&name[..2]).join(&name[2..])
@@ -224,17 +256,7 @@ impl DiskTier {
     /// Removes `key`'s block, if there is one. Blocking.
     pub(super) fn remove(&self, key: &BlockKey) {
         let enc = encode_key(key);
-        let path = self.path(&enc);
-        match fs::remove_file(&path) {
-            Ok(()) => {
-                let len = header_len(&enc) as u64 + key.len;
-                let _ = self
-                    .size
-                    .fetch_update(Relaxed, Relaxed, |s| Some(s.saturating_sub(len)));
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => warn_io("remove", Some(key), &path, &e),
-        }
+        self.remove_file(&self.path(&enc), header_len(&enc) as u64 + key.len);
     }
 
     /// Stores `data` as `key`'s block (temp file, then rename), evicting if over the bound.
@@ -260,10 +282,7 @@ impl DiskTier {
         match write() {
             Ok(len) => {
                 counters.disk_writes.fetch_add(1, Relaxed);
-                let size = self.size.fetch_add(len, Relaxed) + len;
-                if size > self.max_bytes {
-                    self.rescan(counters);
-                }
+                self.added(len, counters);
             }
             Err(e) => {
                 if !self.disabled.swap(true, Relaxed) {

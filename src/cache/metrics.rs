@@ -93,6 +93,16 @@ impl Collector for CacheCollector {
                 "Disk cache writes that failed",
                 s.disk_write_errors,
             ),
+            (
+                "cache_file_copies",
+                "Whole-file copies written to the disk cache (for passthrough reads)",
+                s.copies_written,
+            ),
+            (
+                "cache_file_copies_damaged",
+                "Whole-file copies found on disk that failed verification (removed)",
+                s.copies_damaged,
+            ),
         ];
         for (name, help, value) in counters {
             let c = ConstCounter::new(value);

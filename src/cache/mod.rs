@@ -19,6 +19,7 @@
 //! I/O runs on `spawn_blocking`; across processes, only eviction scans take a lock (an
 //! advisory file lock, never waited for).
 
+mod copies;
 mod disk;
 mod memory;
 pub mod metrics;
@@ -33,6 +34,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use bytes::Bytes;
 use tokio::sync::{OnceCell, Semaphore};
 
+use copies::Copies;
+pub use copies::{CopyStatus, CopyWriter};
 pub use disk::CACHE_FORMAT;
 use disk::DiskTier;
 use memory::MemoryTier;
@@ -197,6 +200,10 @@ pub struct CacheStats {
     /// Disk writes skipped because [`MAX_DISK_WRITES`] were in flight.
     pub disk_writes_skipped: u64,
     pub disk_write_errors: u64,
+    /// Whole-file copies written (src/cache/copies.rs), and copies found on disk that failed
+    /// their check (removed).
+    pub copies_written: u64,
+    pub copies_damaged: u64,
     /// Bytes charged to the memory tier now.
     pub memory_bytes: u64,
     /// This process's estimate of the disk tier's bytes now.
@@ -224,6 +231,8 @@ struct Counters {
     disk_writes: AtomicU64,
     disk_writes_skipped: AtomicU64,
     disk_write_errors: AtomicU64,
+    copies_written: AtomicU64,
+    copies_damaged: AtomicU64,
     memory_bytes: AtomicU64,
 }
 
@@ -249,6 +258,7 @@ pub struct BlockCache {
     in_flight: Mutex<HashMap<BlockKey, Arc<OnceCell<Bytes>>>>,
     disk_writes: Arc<Semaphore>,
     counters: Arc<Counters>,
+    copies: Arc<Copies>,
 }
 
 impl BlockCache {
@@ -278,6 +288,7 @@ impl BlockCache {
             in_flight: Mutex::new(HashMap::new()),
             disk_writes: Arc::new(Semaphore::new(MAX_DISK_WRITES as usize)),
             counters,
+            copies: Arc::default(),
         })
     }
 
@@ -449,10 +460,12 @@ impl BlockCache {
     }
 
     /// Waits for the disk writes started so far (e.g. before unmounting, so the next mount
-    /// finds them). Blocks fetched meanwhile may skip the disk.
+    /// finds them). Blocks fetched meanwhile may skip the disk. Whole-file copies being
+    /// written take no more blocks: each writes what it has, and is kept if that is all.
     pub async fn flush(&self) {
         // The semaphore is never closed, so this only waits.
         let _all = self.disk_writes.acquire_many(MAX_DISK_WRITES).await;
+        self.copies.finish().await;
     }
 
     /// A snapshot of the counters.
@@ -477,6 +490,8 @@ impl BlockCache {
             disk_writes: get(&c.disk_writes),
             disk_writes_skipped: get(&c.disk_writes_skipped),
             disk_write_errors: get(&c.disk_write_errors),
+            copies_written: get(&c.copies_written),
+            copies_damaged: get(&c.copies_damaged),
             memory_bytes: get(&c.memory_bytes),
             disk_bytes: self.disk.as_ref().map_or(0, |d| d.size()),
             disk_enabled: self.enabled_disk().is_some(),

@@ -375,3 +375,137 @@ async fn an_unusable_disk_dir_is_a_setup_error_and_a_failing_disk_means_memory_o
         "the disk is no longer tried"
     );
 }
+
+/// The key of a whole file of `blocks` blocks of [`BS`] (the last one 100 bytes short), and its
+/// blocks' true bytes.
+fn whole_file(blocks: u64) -> (BlockKey, Vec<Bytes>) {
+    let pod = PodName::new("p").unwrap();
+    let len = blocks * BS - 100;
+    let key = BlockKey::new("r", &pod, Some(&format!("{:032x}", 9)), 0, len).unwrap();
+    let parts = (0..blocks)
+        .map(|i| {
+            let n = BS.min(len - i * BS);
+            (0..n).map(|j| ((i * 7 + j * 13) % 251) as u8).collect()
+        })
+        .collect();
+    (key, parts)
+}
+
+/// Polls the copy's status until `want` says yes (the writer and checker run in the background).
+async fn wait_for_copy(cache: &BlockCache, key: &BlockKey, want: fn(&CopyStatus) -> bool) {
+    for _ in 0..500 {
+        if want(&cache.copy_status(key).await) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the copy never got there");
+}
+
+/// Temp files and copies under the cache dir.
+fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    walkdir(dir)
+        .into_iter()
+        .filter(|p| !p.ends_with(".lock"))
+        .collect()
+}
+
+fn walkdir(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walkdir(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_copy_fed_every_block_appears_whole_and_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = BlockCache::new(config(Some(dir.path()))).unwrap();
+    let (key, parts) = whole_file(5);
+    assert!(matches!(cache.copy_status(&key).await, CopyStatus::Missing));
+    let writer = cache.start_copy(&key, BS).unwrap();
+    // Out of order, one twice: each block is written once, where it belongs.
+    for i in [3, 0, 4, 1, 1, 2] {
+        writer.add(i, &parts[i as usize]);
+    }
+    wait_for_copy(&cache, &key, |s| matches!(s, CopyStatus::Ready(_))).await;
+    let CopyStatus::Ready(file) = cache.copy_status(&key).await else {
+        unreachable!()
+    };
+    let mut got = Vec::new();
+    std::io::Read::read_to_end(&mut &file, &mut got).unwrap();
+    assert!(
+        got == parts.concat(),
+        "the copy holds the file's bytes, nothing else"
+    );
+    assert_eq!(cache.stats().copies_written, 1);
+}
+
+#[tokio::test]
+async fn a_copy_left_unfinished_leaves_nothing_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = BlockCache::new(config(Some(dir.path()))).unwrap();
+    let (key, parts) = whole_file(4);
+    let writer = cache.start_copy(&key, BS).unwrap();
+    writer.add(0, &parts[0]);
+    writer.add(1, &parts[1]);
+    // A second handle shares the writer.
+    let again = cache.start_copy(&key, BS).unwrap();
+    assert!(Arc::ptr_eq(&writer, &again));
+    drop((writer, again));
+    for _ in 0..500 {
+        if files_under(dir.path()).is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(files_under(dir.path()), Vec::<std::path::PathBuf>::new());
+    assert!(matches!(cache.copy_status(&key).await, CopyStatus::Missing));
+    assert_eq!(cache.stats().copies_written, 0);
+}
+
+#[tokio::test]
+async fn a_copy_found_on_disk_is_ready_only_once_checked_and_dropped_if_damaged() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key, parts) = whole_file(3);
+    {
+        let cache = BlockCache::new(config(Some(dir.path()))).unwrap();
+        let writer = cache.start_copy(&key, BS).unwrap();
+        for (i, p) in parts.iter().enumerate() {
+            writer.add(i as u64, p);
+        }
+        wait_for_copy(&cache, &key, |s| matches!(s, CopyStatus::Ready(_))).await;
+    }
+    let check = |parts: Vec<Bytes>| move |i: u64, b: &[u8]| parts[i as usize] == b;
+    // Another process: not trusted until checked.
+    let cache = BlockCache::new(config(Some(dir.path()))).unwrap();
+    assert!(matches!(
+        cache.copy_status(&key).await,
+        CopyStatus::Unverified
+    ));
+    cache.check_copy(&key, BS, check(parts.clone()));
+    wait_for_copy(&cache, &key, |s| matches!(s, CopyStatus::Ready(_))).await;
+    // A third, after a byte of the last block flipped: dropped, never ready.
+    let copy = files_under(dir.path())
+        .into_iter()
+        .find(|p| p.metadata().unwrap().len() == key.len)
+        .unwrap();
+    let mut bytes = std::fs::read(&copy).unwrap();
+    bytes[(2 * BS + 10) as usize] ^= 1;
+    std::fs::write(&copy, bytes).unwrap();
+    let cache = BlockCache::new(config(Some(dir.path()))).unwrap();
+    assert!(matches!(
+        cache.copy_status(&key).await,
+        CopyStatus::Unverified
+    ));
+    cache.check_copy(&key, BS, check(parts));
+    wait_for_copy(&cache, &key, |s| matches!(s, CopyStatus::Missing)).await;
+    assert!(!copy.exists(), "the damaged copy is removed");
+    assert_eq!(cache.stats().copies_damaged, 1);
+}
