@@ -50,6 +50,8 @@ pub struct Metrics {
     pub errors: Family<RequestLabels, Counter>,
     /// FUSE operations, by how long they took to answer.
     pub fuse: Family<OpLabels, Histogram>,
+    /// Opens answered with a backing file the kernel reads directly (FUSE passthrough).
+    pub passthrough_opens: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -90,12 +92,20 @@ impl Metrics {
             "Time from a FUSE request to its answer, by operation",
             fuse.clone(),
         );
+        let passthrough_opens = Counter::default();
+        registry.register(
+            "passthrough_opens",
+            "Opens answered with a whole-file copy that the kernel reads directly, without \
+             FUSE reads (FUSE passthrough)",
+            passthrough_opens.clone(),
+        );
         Self {
             registry,
             requests,
             bytes,
             errors,
             fuse,
+            passthrough_opens,
         }
     }
 

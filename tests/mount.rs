@@ -834,10 +834,13 @@ fn the_disk_cache_serves_a_remount_and_damaged_cache_blocks_are_fetched_again() 
             data
         );
     }
+    // SAFETY: geteuid cannot fail and touches no memory.
+    let copies = usize::from(unsafe { libc::geteuid() } == 0);
     assert_eq!(
         cached_blocks().len(),
-        4,
-        "one file per 1 MiB block, and the version object"
+        4 + copies,
+        "one file per 1 MiB block, the version object and, where the kernel may read it \
+         directly (root), the file whole"
     );
 
     // Without the state object, a new mount still reads the file: from the disk cache.
@@ -910,6 +913,168 @@ fn cached_blocks(dir: &Path) -> Vec<std::path::PathBuf> {
             } else if name.len() > 32 && !name.starts_with('.') {
                 out.push(p);
             }
+        }
+    }
+    out
+}
+
+/// Whether the kernel will pass reads through to backing files for a mount run by this user;
+/// when not (not root), the mount must say why in its log.
+fn passthrough_or_log(m: &Mounted) -> bool {
+    // SAFETY: geteuid cannot fail and touches no memory.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    wait_until("the log to say why", Duration::from_secs(30), || {
+        m.log_text().contains("FUSE passthrough")
+    });
+    false
+}
+
+/// A metric's value, once it has stopped changing between two scrapes (operations are
+/// recorded after they are answered, so a reader may finish first).
+fn settled(addr: &str, name: &str, labels: &str) -> f64 {
+    let mut last = sample(&scrape(addr), name, labels);
+    let mut n = 0;
+    wait_until(
+        &format!("{name} to settle"),
+        Duration::from_secs(30),
+        || {
+            std::thread::sleep(Duration::from_millis(50));
+            let now = sample(&scrape(addr), name, labels);
+            n = if now == last { n + 1 } else { 0 };
+            last = now;
+            n >= 3
+        },
+    );
+    last
+}
+
+fn fuse_reads(addr: &str) -> f64 {
+    settled(addr, "podfs_fuse_operation_seconds_count", r#"op="read""#)
+}
+
+fn passthrough_opens(addr: &str) -> f64 {
+    sample(&scrape(addr), "podfs_passthrough_opens_total", "")
+}
+
+/// Waits until `n` whole-file copies have been written.
+fn wait_for_copies(addr: &str, n: f64) {
+    wait_until("the whole-file copy", Duration::from_secs(60), || {
+        sample(&scrape(addr), "podfs_cache_file_copies_total", "") >= n
+    });
+}
+
+/// A large file read from start to end is kept whole in the disk cache, and the next open hands
+/// that copy to the kernel: it reads the file without asking the mount (FUSE passthrough).
+#[test]
+fn a_file_read_whole_is_then_read_by_the_kernel_directly() {
+    let podfs = Podfs::new();
+    let data = one_file_pod(&podfs, 3 * MIB + 12345, 31);
+    let (m, addr) = mounted_with_metrics(&podfs);
+    if !passthrough_or_log(&m) {
+        return;
+    }
+    let path = m.pod("default", "p").join("big");
+    assert!(std::fs::read(&path).unwrap() == data);
+    wait_for_copies(&addr, 1.0);
+    let reads = fuse_reads(&addr);
+    assert!(reads >= 1.0);
+    assert_eq!(passthrough_opens(&addr), 0.0);
+    assert!(
+        std::fs::read(&path).unwrap() == data,
+        "read again: the same bytes"
+    );
+    assert!(read_at(&path, 3 * MIB as u64, 12345).unwrap() == data[3 * MIB..]);
+    assert_eq!(passthrough_opens(&addr), 2.0);
+    assert_eq!(fuse_reads(&addr), reads, "the kernel did not ask the mount");
+}
+
+/// The kernel refuses to mix the two ways of reading one inode: while a handle reads through
+/// the mount, new opens do too, even with a copy ready; while one passes through, so do all.
+#[test]
+fn opens_of_one_file_never_mix_passthrough_and_reads_through_the_mount() {
+    let podfs = Podfs::new();
+    let data = one_file_pod(&podfs, 2 * MIB + 7, 32);
+    let (m, addr) = mounted_with_metrics(&podfs);
+    if !passthrough_or_log(&m) {
+        return;
+    }
+    let path = m.pod("default", "p").join("big");
+    let read_all = |f: &mut std::fs::File| {
+        let mut got = Vec::new();
+        f.rewind().unwrap();
+        f.read_to_end(&mut got).unwrap();
+        assert!(got == data, "the file's bytes");
+    };
+    let mut a = std::fs::File::open(&path).unwrap();
+    read_all(&mut a);
+    wait_for_copies(&addr, 1.0);
+    // `a` still reads through the mount: `b` must as well.
+    let mut b = std::fs::File::open(&path).unwrap();
+    read_all(&mut b);
+    read_all(&mut a);
+    assert_eq!(passthrough_opens(&addr), 0.0);
+    drop((a, b));
+    let mut c = std::fs::File::open(&path).unwrap();
+    let mut d = std::fs::File::open(&path).unwrap();
+    read_all(&mut c);
+    read_all(&mut d);
+    assert_eq!(passthrough_opens(&addr), 2.0);
+}
+
+/// A copy found on disk (an earlier mount's) is not handed to the kernel before this mount has
+/// checked it; a damaged one is dropped, and reads return the true bytes all along.
+#[test]
+fn a_whole_file_copy_from_disk_is_checked_first_and_dropped_if_damaged() {
+    let podfs = Podfs::new();
+    let data = one_file_pod(&podfs, 3 * MIB, 33);
+    {
+        let (m, addr) = mounted_with_metrics(&podfs);
+        if !passthrough_or_log(&m) {
+            return;
+        }
+        assert!(std::fs::read(m.pod("default", "p").join("big")).unwrap() == data);
+        wait_for_copies(&addr, 1.0);
+    }
+    let copy = files_of_size(podfs.home.path(), data.len() as u64);
+    assert_eq!(copy.len(), 1, "one whole-file copy in the cache");
+    let copy = &copy[0];
+
+    // Whole: checked at the first open (which reads through the mount), then passed through.
+    let (m, addr) = mounted_with_metrics(&podfs);
+    let path = m.pod("default", "p").join("big");
+    assert!(std::fs::read(&path).unwrap() == data);
+    assert_eq!(passthrough_opens(&addr), 0.0, "not before it is checked");
+    wait_until("the copy to be checked", Duration::from_secs(30), || {
+        std::fs::read(&path).unwrap() == data && passthrough_opens(&addr) >= 1.0
+    });
+    drop(m);
+
+    // Damaged: dropped, never passed through; the bytes read are the true ones.
+    flip(copy, 2 * MIB as u64 + 99);
+    let (m, addr) = mounted_with_metrics(&podfs);
+    let path = m.pod("default", "p").join("big");
+    assert!(std::fs::read(&path).unwrap() == data);
+    wait_until(
+        "the damaged copy to be dropped",
+        Duration::from_secs(30),
+        || sample(&scrape(&addr), "podfs_cache_file_copies_damaged_total", "") >= 1.0,
+    );
+    assert!(!copy.exists(), "the damaged copy is removed");
+    assert!(std::fs::read(&path).unwrap() == data);
+    assert_eq!(passthrough_opens(&addr), 0.0);
+}
+
+/// Regular files of exactly `len` bytes under `dir`.
+fn files_of_size(dir: &Path, len: u64) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let (p, t) = (e.path(), e.file_type().unwrap());
+        if t.is_dir() {
+            out.extend(files_of_size(&p, len));
+        } else if t.is_file() && e.metadata().unwrap().len() == len {
+            out.push(p);
         }
     }
     out

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::error::{FsError, MountError};
-use super::{Attr, FileKind, PodFs, mountpoint};
+use super::{Attr, FileKind, Forget, PodFs, mountpoint};
 use crate::metrics::Metrics;
 
 /// Background requests the kernel may have outstanding (its default is 12 to 16).
@@ -109,6 +109,32 @@ impl Adapter {
     }
 }
 
+impl Adapter {
+    /// Asks the kernel for passthrough (see src/fs/passthrough.rs) when it can be had: only
+    /// root may hand the kernel backing files.
+    fn init_passthrough(&self, config: &mut KernelConfig) {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            tracing::info!(
+                "files read again are served through the mount: the kernel reads cached files \
+                 directly (FUSE passthrough) only for a mount run by root"
+            );
+            return;
+        }
+        if let Err(missing) = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH) {
+            tracing::info!(
+                "the kernel lacks {missing:?} (Linux 6.9 or later has it): files read again \
+                 are served through the mount"
+            );
+            return;
+        }
+        // Backing files on a file system stacked once (the cache dir on overlayfs) need depth 2;
+        // depth 1 keeps podfs itself usable as a lower layer of overlayfs.
+        let _ = config.set_max_stack_depth(1);
+        self.fs.set_passthrough(true);
+    }
+}
+
 #[allow(clippy::too_many_arguments)] // the signatures are fuser's
 impl Filesystem for Adapter {
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
@@ -146,6 +172,7 @@ impl Filesystem for Adapter {
             tracing::info!("the kernel allows {max} background requests at most");
             let _ = config.set_max_background(max);
         }
+        self.init_passthrough(config);
         Ok(())
     }
 
@@ -176,12 +203,24 @@ impl Filesystem for Adapter {
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let fs = Arc::clone(&self.fs);
+        let metrics = self.metrics.clone();
         let write = flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
         self.spawn("open", req, ino.0, async move {
-            match fs.open(ino.0, write).await {
-                // An inode is one path of one version: its bytes never change.
-                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
-                Err(e) => reply.error(failed("open", ino.0, &e)),
+            let opened = match fs.open(ino.0, write).await {
+                Ok(o) => o,
+                Err(e) => return reply.error(failed("open", ino.0, &e)),
+            };
+            let (direct, refused) = fs.passthrough.open(ino.0, opened.fh, opened.copy, reply);
+            if let Some(e) = refused {
+                fs.set_passthrough(false);
+                tracing::warn!(
+                    error = %e,
+                    "the kernel refuses to read cached files directly (FUSE passthrough): \
+                     reads go through the mount from now on"
+                );
+            }
+            if let (true, Some(m)) = (direct, metrics) {
+                m.passthrough_opens.inc();
             }
         });
     }
@@ -232,14 +271,16 @@ impl Filesystem for Adapter {
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.fs.release(fh.0);
+        // It may start a blocking task: this thread is fuser's, not the runtime's.
+        let _runtime = self.rt.enter();
+        self.fs.release(ino.0, fh.0);
         reply.ok();
     }
 
@@ -573,10 +614,17 @@ pub fn mount(
     };
     let mut session = Session::new(adapter, point, &cfg).map_err(MountError::io(point))?;
     let notifier = session.notifier();
-    fs.set_invalidator(move |parent, name| {
-        // ENOENT: the kernel had already dropped the name.
-        if let Err(e) = notifier.inval_entry(INodeNo(parent), OsStr::new(name)) {
-            tracing::debug!("dropping the kernel's entry {name:?} in inode {parent}: {e}");
+    fs.set_invalidator(move |forget| match forget {
+        Forget::Entry { parent, name } => {
+            // ENOENT: the kernel had already dropped the name.
+            if let Err(e) = notifier.inval_entry(INodeNo(parent), OsStr::new(name)) {
+                tracing::debug!("dropping the kernel's entry {name:?} in inode {parent}: {e}");
+            }
+        }
+        Forget::Data { ino } => {
+            if let Err(e) = notifier.inval_inode(INodeNo(ino), 0, 0) {
+                tracing::debug!("dropping the kernel's cached bytes of inode {ino}: {e}");
+            }
         }
     });
     if let Err(why) = mountpoint::raise_read_ahead(point) {

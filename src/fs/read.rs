@@ -14,15 +14,17 @@
 //!   the whole-file CRC-32 when one handle has read it from start to end in order.
 
 use std::ops::Range;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
 use futures::FutureExt;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 
 use super::FsResult;
 use super::lock;
-use crate::cache::{BlockCache, BlockKey};
+use crate::cache::{BlockCache, BlockKey, CopyStatus, CopyWriter};
 use crate::name::PodName;
 use crate::pod::PodError;
 use crate::pod::blocks::{WholeFileCheck, block_checked, block_range, block_size, verify_block};
@@ -45,6 +47,8 @@ pub const MAX_READ_AHEAD_REQUESTS: usize = 16;
 /// What an open file handle reads: one file of one version, fixed at `open`.
 #[derive(Debug)]
 pub struct OpenFile {
+    /// The inode it was opened as.
+    pub(super) ino: u64,
     /// Its configured name (`Remote::name`) is part of every cache key.
     pub(super) remote: Arc<dyn Remote>,
     pub(super) pod: PodName,
@@ -55,6 +59,12 @@ pub struct OpenFile {
     stream: Mutex<Stream>,
     /// The whole-file CRC-32 check of a large file without block checksums.
     whole: Mutex<Option<WholeFileCheck>>,
+    /// Whether a read from offset 0 should start a whole-file copy (none on disk at open).
+    wants_copy: AtomicBool,
+    /// The copy this handle feeds, once started.
+    copy: Mutex<Option<Arc<CopyWriter>>>,
+    /// Whether this handle started it and [`OpenFile::copy_started`] has not yet said so.
+    copy_news: AtomicBool,
 }
 
 /// Where a handle's reads stand, for read-ahead.
@@ -88,6 +98,7 @@ impl Reader {
 
 impl OpenFile {
     pub(super) fn new(
+        ino: u64,
         remote: Arc<dyn Remote>,
         pod: PodName,
         version: u64,
@@ -102,6 +113,7 @@ impl OpenFile {
             .then(|| WholeFileCheck::new(&entry))
             .flatten();
         Self {
+            ino,
             remote,
             pod,
             version,
@@ -113,6 +125,51 @@ impl OpenFile {
                 ahead_to: 0,
             }),
             whole: Mutex::new(whole),
+            wants_copy: AtomicBool::new(false),
+            copy: Mutex::new(None),
+            copy_news: AtomicBool::new(false),
+        }
+    }
+
+    /// Once, after a read of this handle started a whole-file copy: what says when the copy
+    /// is complete (`true`).
+    pub(super) fn copy_started(&self) -> Option<watch::Receiver<bool>> {
+        if !self.copy_news.swap(false, Relaxed) {
+            return None;
+        }
+        lock(&self.copy).as_ref().map(|c| c.finished())
+    }
+
+    /// The key of the file's whole bytes, for a whole-file copy (src/cache/copies.rs): only
+    /// stored files with block checksums have one (every block of the copy can be checked).
+    fn copy_key(&self) -> Option<BlockKey> {
+        let data = self.entry.data.as_ref()?;
+        (data.method == Method::Stored && data.blocks.is_some())
+            .then(|| self.key(data.offset, self.entry.size))
+            .flatten()
+    }
+
+    /// The file's verified whole-file copy, ready for the kernel to read directly. Also, when
+    /// there is none yet: starts checking one found on disk, or lets a read from offset 0 write
+    /// one.
+    pub(super) async fn ready_copy(&self, reader: &Reader) -> Option<std::fs::File> {
+        let (cache, key) = (reader.cache.as_ref()?, self.copy_key()?);
+        match cache.copy_status(&key).await {
+            CopyStatus::Ready(file) => return Some(file),
+            CopyStatus::Unverified => {
+                let entry = self.entry.clone();
+                let check = move |i, bytes: &[u8]| verify_block(&entry, i, bytes).is_ok();
+                cache.check_copy(&key, block_size(&self.entry), check);
+            }
+            CopyStatus::Missing => self.wants_copy.store(true, Relaxed),
+        }
+        None
+    }
+
+    /// Hands verified block `i` to the whole-file copy being written, if any.
+    fn copy_block(&self, i: u64, bytes: &Bytes) {
+        if let Some(copy) = lock(&self.copy).as_ref() {
+            copy.add(i, bytes);
         }
     }
 
@@ -143,6 +200,13 @@ impl OpenFile {
                 None => fetch.await?,
             };
             return Ok(whole.slice(range.start as usize..end as usize));
+        }
+        if range.start == 0 && self.wants_copy.swap(false, Relaxed) {
+            let copy = self
+                .copy_key()
+                .and_then(|k| cache.start_copy(&k, block_size(entry)));
+            self.copy_news.store(copy.is_some(), Relaxed);
+            *lock(&self.copy) = copy;
         }
         self.read_ahead(reader, cache, range.start..end);
         let b = block_size(entry);
@@ -185,14 +249,16 @@ impl OpenFile {
         );
         let check = |bytes: &[u8]| self.check_block(i, bytes);
         let offset = self.entry.data.as_ref().map_or(0, |d| d.offset);
-        Ok(match self.key(offset + r.start, r.end - r.start) {
+        let bytes = match self.key(offset + r.start, r.end - r.start) {
             Some(k) => cache.get_or_fetch(&k, fetch, check).await?,
             None => {
                 let bytes = fetch.await?;
                 check(&bytes)?;
                 bytes
             }
-        })
+        };
+        self.copy_block(i, &bytes);
+        Ok(bytes)
     }
 
     /// Starts reading ahead of `range` if it continues the handle's last read.
@@ -272,7 +338,10 @@ impl OpenFile {
             async move {
                 let check = |bytes: &[u8]| self.check_block(i, bytes);
                 let got = match key {
-                    Some(k) => cache.get_or_fetch(&k, fetch, check).await.map(drop),
+                    Some(k) => cache
+                        .get_or_fetch(&k, fetch, check)
+                        .await
+                        .map(|bytes| self.copy_block(i, &bytes)),
                     None => Ok(()),
                 };
                 // A failed read-ahead is retried by the read that needs the block, which
@@ -352,6 +421,7 @@ mod tests {
             }),
         };
         let file = OpenFile::new(
+            2,
             Arc::new(remote),
             PodName::new("p").unwrap(),
             1,
