@@ -1079,3 +1079,22 @@ fn files_of_size(dir: &Path, len: u64) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// A random read of a file saved with 256 KiB checksum blocks fetches those blocks around it,
+/// not a whole 1 MiB unit: a range request costs more the longer it is.
+#[test]
+fn a_random_read_fetches_only_the_checksum_blocks_around_it() {
+    let podfs = Podfs::new();
+    let data = one_file_pod(&podfs, 12 * MIB, 34);
+    let (m, addr) = mounted_with_metrics(&podfs);
+    // Past the first few units, which a first read treats as the start of a sequential one.
+    let at = 17 * MIB as u64 / 2 + 100;
+    let got = read_at(&m.pod("default", "p").join("big"), at, 4096).unwrap();
+    assert!(got == data[at as usize..at as usize + 4096]);
+    let fetched = sample(&scrape(&addr), "podfs_cache_fetched_bytes_total", "");
+    assert!(fetched >= (256 << 10) as f64, "{fetched} bytes fetched");
+    assert!(
+        fetched < MIB as f64,
+        "{fetched} bytes fetched: less than a 1 MiB unit"
+    );
+}

@@ -1,14 +1,16 @@
 //! Reading an open file: whole blocks through the block cache, each checked before it is
 //! returned, and a read-ahead window that grows while a handle reads in order.
 //!
-//! - A stored (large) file is read in blocks of its manifest's block size. Sequential reads of
-//!   one handle start a read-ahead of [`FIRST_WINDOW`] past the read, doubling with each
-//!   sequential read up to [`MAX_WINDOW`]; its blocks are fetched in parallel, in range
-//!   requests of up to [`READ_AHEAD_CHUNK`] blocks, through the cache (a read that needs a block
-//!   being read ahead waits for that fetch instead of starting another). A read starting
-//!   within [`OUT_OF_ORDER_BLOCKS`] of where the handle's reads have got to is sequential (the
-//!   kernel's reads may be answered out of order); a read elsewhere in the file resets the
-//!   window and reads ahead nothing, so a random read fetches only its own blocks.
+//! - A stored (large) file read in order is read in units of its manifest's block size, at
+//!   least [`BLOCK_SIZE`] (1 MiB; a unit of a file saved with 256 KiB checksum blocks is checked
+//!   block by block). Sequential reads of one handle start a read-ahead of [`FIRST_WINDOW`] past
+//!   the read, doubling with each sequential read up to [`MAX_WINDOW`]; its units are fetched in
+//!   parallel, in range requests of up to [`READ_AHEAD_CHUNK`] units, through the cache (a read
+//!   that needs a unit being read ahead waits for that fetch instead of starting another). A
+//!   read starting within [`OUT_OF_ORDER_BLOCKS`] units of where the handle's reads have got to
+//!   is sequential (the kernel's reads may be answered out of order); a read elsewhere in the
+//!   file resets the window and reads ahead nothing, and fetches only the checksum blocks it
+//!   needs (256 KiB for files podfs saves now; a unit for older ones).
 //! - A deflated (small) file is fetched and inflated once, then served from the cache.
 //! - Pods saved before block checksums: a large file's blocks are checked for length only, and
 //!   the whole-file CRC-32 when one handle has read it from start to end in order.
@@ -27,7 +29,7 @@ use super::lock;
 use crate::cache::{BlockCache, BlockKey, CopyStatus, CopyWriter};
 use crate::name::PodName;
 use crate::pod::PodError;
-use crate::pod::blocks::{WholeFileCheck, block_checked, block_range, block_size, verify_block};
+use crate::pod::blocks::{BLOCK_SIZE, WholeFileCheck, block_checked, block_size, verify_span};
 use crate::pod::manifest::{Entry, Method};
 use crate::pod::read::{read_range, read_stored};
 use crate::remote::Remote;
@@ -158,8 +160,10 @@ impl OpenFile {
             CopyStatus::Ready(file) => return Some(file),
             CopyStatus::Unverified => {
                 let entry = self.entry.clone();
-                let check = move |i, bytes: &[u8]| verify_block(&entry, i, bytes).is_ok();
-                cache.check_copy(&key, block_size(&self.entry), check);
+                let check = move |i, bytes: &[u8]| {
+                    verify_span(&entry, unit_range(&entry, i), bytes).is_ok()
+                };
+                cache.check_copy(&key, unit(&self.entry), check);
             }
             CopyStatus::Missing => self.wants_copy.store(true, Relaxed),
         }
@@ -204,16 +208,19 @@ impl OpenFile {
         if range.start == 0 && self.wants_copy.swap(false, Relaxed) {
             let copy = self
                 .copy_key()
-                .and_then(|k| cache.start_copy(&k, block_size(entry)));
+                .and_then(|k| cache.start_copy(&k, unit(entry)));
             self.copy_news.store(copy.is_some(), Relaxed);
             *lock(&self.copy) = copy;
         }
-        self.read_ahead(reader, cache, range.start..end);
-        let b = block_size(entry);
+        let sequential = self.read_ahead(reader, cache, range.start..end);
+        if !sequential && block_size(entry) < unit(entry) && block_checked(entry) {
+            return self.read_checked_blocks(cache, range.start..end).await;
+        }
+        let b = unit(entry);
         let blocks = range.start / b..end.div_ceil(b);
-        // Block `i`'s share of the read, as a view of the cached block (no copy).
+        // Unit `i`'s share of the read, as a view of the cached unit (no copy).
         let part = |i: u64, bytes: &Bytes| {
-            let r = block_range(entry, i);
+            let r = unit_range(entry, i);
             let from = range.start.max(r.start) - r.start;
             let to = end.min(r.end) - r.start;
             bytes.slice(from as usize..to as usize)
@@ -236,10 +243,35 @@ impl OpenFile {
         Ok(out)
     }
 
-    /// Block `i`, through the cache: fetched unchecked from the remote, checked by the cache
+    /// Bytes `range` of a random read: only the checksum blocks around them, in one range
+    /// request, checked and cached as one piece (a random read costs a range request of the
+    /// file's block size, 256 KiB for files podfs saves, not of a whole unit).
+    async fn read_checked_blocks(&self, cache: &BlockCache, range: Range<u64>) -> FsResult<Bytes> {
+        let entry = &self.entry;
+        let b = block_size(entry);
+        let span = range.start / b * b..(range.end.div_ceil(b) * b).min(entry.size);
+        let fetch = read_stored(&*self.remote, &self.pod, self.version, entry, span.clone());
+        let check = |bytes: &[u8]| {
+            verify_span(entry, span.clone(), bytes)
+                .map_err(|m| self.damaged(m.offset(entry)..span.end))
+        };
+        let offset = entry.data.as_ref().map_or(0, |d| d.offset);
+        let bytes = match self.key(offset + span.start, span.end - span.start) {
+            Some(k) => cache.get_or_fetch(&k, fetch, check).await?,
+            None => {
+                let bytes = fetch.await?;
+                check(&bytes)?;
+                bytes
+            }
+        };
+        let at = (range.start - span.start) as usize..(range.end - span.start) as usize;
+        Ok(bytes.slice(at))
+    }
+
+    /// Unit `i`, through the cache: fetched unchecked from the remote, checked by the cache
     /// once, whether it came from the remote or from disk.
     async fn block(&self, cache: &BlockCache, i: u64) -> FsResult<Bytes> {
-        let r = block_range(&self.entry, i);
+        let r = unit_range(&self.entry, i);
         let fetch = read_stored(
             &*self.remote,
             &self.pod,
@@ -261,9 +293,15 @@ impl OpenFile {
         Ok(bytes)
     }
 
-    /// Starts reading ahead of `range` if it continues the handle's last read.
-    fn read_ahead(self: &Arc<Self>, reader: &Reader, cache: &Arc<BlockCache>, range: Range<u64>) {
-        let b = block_size(&self.entry);
+    /// Starts reading ahead of `range` if it continues the handle's last read; returns whether
+    /// it does (the read is sequential).
+    fn read_ahead(
+        self: &Arc<Self>,
+        reader: &Reader,
+        cache: &Arc<BlockCache>,
+        range: Range<u64>,
+    ) -> bool {
+        let b = unit(&self.entry);
         let blocks = {
             let mut s = lock(&self.stream);
             // The kernel sends a file's reads a few at a time (its own read-ahead, 1 MiB each),
@@ -278,18 +316,18 @@ impl OpenFile {
             if !sequential {
                 s.window = FIRST_WINDOW;
                 s.ahead_to = 0;
-                return;
+                return false;
             }
             // Only when less than half a window is left ahead: then read ahead a whole window
             // or so at once, in few large requests, rather than a block per read.
             if s.ahead_to.saturating_sub(range.end) > s.window / 2 {
-                return;
+                return true;
             }
             let to = range.end.saturating_add(s.window).min(self.entry.size);
             let from = s.ahead_to.max(range.end);
             s.window = (s.window * 2).min(MAX_WINDOW);
             if to <= from {
-                return;
+                return true;
             }
             s.ahead_to = to;
             // Whole blocks past the one the read itself ends in.
@@ -309,6 +347,7 @@ impl OpenFile {
                 file.read_ahead_chunk(&cache, chunk).await;
             });
         }
+        true
     }
 
     /// Reads blocks `chunk` ahead, into the cache: those not cached nor being fetched already
@@ -316,13 +355,13 @@ impl OpenFile {
     /// per request is what limits a sequential read).
     async fn read_ahead_chunk(&self, cache: &BlockCache, chunk: Range<u64>) {
         let entry = &self.entry;
-        let span = block_range(entry, chunk.start).start..block_range(entry, chunk.end - 1).end;
+        let span = unit_range(entry, chunk.start).start..unit_range(entry, chunk.end - 1).end;
         let whole = read_stored(&*self.remote, &self.pod, self.version, entry, span.clone())
             .map(|r| r.map_err(|e| e.to_string()))
             .shared();
         let offset = entry.data.as_ref().map_or(0, |d| d.offset);
         let gets = chunk.map(|i| {
-            let r = block_range(entry, i);
+            let r = unit_range(entry, i);
             let whole = whole.clone();
             let fetch = async move {
                 let bytes = whole.await.map_err(|detail| {
@@ -365,12 +404,13 @@ impl OpenFile {
         }
     }
 
-    /// Checks block `i`: its CRC-32C where the manifest has one, else its length.
+    /// Checks unit `i`: the CRC-32C of each block in it where the manifest has them, else its
+    /// length.
     fn check_block(&self, i: u64, bytes: &[u8]) -> Result<(), PodError> {
         let entry = &self.entry;
-        let r = block_range(entry, i);
+        let r = unit_range(entry, i);
         let ok = if block_checked(entry) {
-            verify_block(entry, i, bytes).is_ok()
+            verify_span(entry, r.clone(), bytes).is_ok()
         } else {
             bytes.len() as u64 == r.end - r.start
         };
@@ -389,6 +429,20 @@ impl OpenFile {
                 reason: format!("{:?}: the data is damaged (CRC-32 mismatch)", entry.path),
             })
     }
+}
+
+/// The unit a handle fetches and caches while reading in order: the file's block size, at least
+/// [`BLOCK_SIZE`] (a whole number of blocks: both are powers of two). A range request costs
+/// about the same for 256 KiB as for 1 MiB, so reading in order fetches the larger.
+fn unit(entry: &Entry) -> u64 {
+    block_size(entry).max(BLOCK_SIZE)
+}
+
+/// The file offsets of unit `i` of `entry` (the last may be short; past the end, empty).
+fn unit_range(entry: &Entry, i: u64) -> Range<u64> {
+    let u = unit(entry);
+    let start = i.saturating_mul(u).min(entry.size);
+    start..start.saturating_add(u).min(entry.size)
 }
 
 #[cfg(test)]

@@ -936,7 +936,7 @@ mod tests {
         assert_eq!(manifest.entries[2].target.as_deref(), Some("config.json"));
         let big = &manifest.entries[3];
         let blocks = data(3).blocks.as_ref().unwrap();
-        assert_eq!((blocks.size, blocks.crc32c.len()), (1 << 20, 3));
+        assert_eq!((blocks.size, blocks.crc32c.len()), (256 << 10, 3));
         check_blocks(blocks, big.size).unwrap();
     }
 

@@ -520,10 +520,10 @@ mod tests {
             .blocks
             .clone();
         let want: Vec<u32> = big
-            .chunks(1 << 20)
+            .chunks(256 << 10)
             .map(crate::pod::blocks::crc32c)
             .collect();
-        assert_eq!(blocks.map(|b| (b.size, b.crc32c)), Some((1 << 20, want)));
+        assert_eq!(blocks.map(|b| (b.size, b.crc32c)), Some((256 << 10, want)));
         for small in ["small", "dir/x"] {
             let e = obj.manifest.get(small).unwrap();
             assert!(e.data.as_ref().unwrap().blocks.is_none(), "{small}");
@@ -536,11 +536,19 @@ mod tests {
         let (remote, pod, obj, big, _) = pod_with_files().await;
         let e = obj.manifest.get("big").unwrap();
         let offset = e.data.as_ref().unwrap().offset;
-        // Flip a byte in the second block (file offset 1.5 MiB).
-        damage(&remote, &pod, 1, obj.info.stored_bytes, offset + (3 << 19)).await;
+        // Flip a byte in the seventh 256 KiB block (file offset 1.5 MiB + 10).
+        damage(
+            &remote,
+            &pod,
+            1,
+            obj.info.stored_bytes,
+            offset + (3 << 19) + 10,
+        )
+        .await;
         for range in [
-            (1 << 20)..(1 << 20) + 1,
-            (3 << 19)..(3 << 19) + 10,
+            (3 << 19)..(3 << 19) + 1,
+            (3 << 19) + 10..(3 << 19) + 11,
+            (7 << 18) - 1..(7 << 18),
             0..(3 << 20),
         ] {
             let err = read_range(&remote, &pod, 1, e, range.clone())
@@ -550,19 +558,19 @@ mod tests {
             assert!(
                 err.contains("version 1 of pod \"p\"")
                     && err.contains("\"big\"")
-                    && err.contains("bytes 1048576..2097152 are damaged"),
+                    && err.contains("bytes 1572864..1835008 are damaged"),
                 "{range:?}: {err}"
             );
         }
-        let err = read_blocks(&remote, &pod, 1, e, 1..2).await.unwrap_err();
+        let err = read_blocks(&remote, &pod, 1, e, 6..7).await.unwrap_err();
         assert!(err.to_string().contains("CRC-32C"), "{err}");
-        // The other blocks still read, the last one short.
-        let got = read_range(&remote, &pod, 1, e, 10..(1 << 20))
+        // The other blocks still read, the neighbours too, the last one short.
+        let got = read_range(&remote, &pod, 1, e, 10..(3 << 19))
             .await
             .unwrap();
-        assert_eq!(&got[..], &big[10..1 << 20]);
-        let got = read_blocks(&remote, &pod, 1, e, 2..5).await.unwrap();
-        assert_eq!(&got[..], &big[2 << 20..]);
+        assert_eq!(&got[..], &big[10..3 << 19]);
+        let got = read_blocks(&remote, &pod, 1, e, 7..20).await.unwrap();
+        assert_eq!(&got[..], &big[7 << 18..]);
     }
 
     #[tokio::test]

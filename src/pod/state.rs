@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use zip::write::SimpleFileOptions;
 use zip::{CompressionMethod, DateTime};
 
-use super::blocks::{BLOCK_SIZE, BlockHasher};
+use super::blocks::{BlockHasher, CHECK_BLOCK};
 use super::manifest::{Blocks, Method};
 use super::{PodError, PodResult};
 use tokio_util::sync::CancellationToken;
@@ -45,7 +45,7 @@ pub struct StoredEntry {
     pub size: u64,
     pub method: Method,
     pub crc32: u32,
-    /// CRC-32C of each [`BLOCK_SIZE`] block, for files larger than one block.
+    /// CRC-32C of each [`CHECK_BLOCK`] block, for files larger than one block.
     pub blocks: Option<Box<Blocks>>,
 }
 
@@ -86,7 +86,7 @@ pub fn write_state_zip(
             inner: src.take(limit),
             progress,
             cancel,
-            blocks: BlockHasher::new(BLOCK_SIZE),
+            blocks: BlockHasher::new(CHECK_BLOCK),
         };
         io::copy(&mut reader, &mut zip).map_err(PodError::io(&input.source))?;
         sums.push(reader.blocks.finish());
@@ -144,9 +144,9 @@ fn read_back(
             ))));
         }
         // A file of one block is checked by its CRC-32 alone.
-        let blocks = (hashed > BLOCK_SIZE).then(|| {
+        let blocks = (hashed > CHECK_BLOCK).then(|| {
             Box::new(Blocks {
-                size: BLOCK_SIZE,
+                size: CHECK_BLOCK,
                 crc32c,
             })
         });
@@ -255,12 +255,13 @@ mod tests {
         f.read_exact_at(&mut buf, stored[1].offset).unwrap();
         assert_eq!(buf, big);
         assert_eq!(stored[1].crc32, crc32fast::hash(&big));
-        // 3,000,000 bytes: two whole blocks and a short one, hashed as they were zipped.
+        // 3,000,000 bytes: eleven whole 256 KiB blocks and a short one, hashed as they were
+        // zipped.
         let sums: Vec<u32> = big
-            .chunks(1 << 20)
+            .chunks(256 << 10)
             .map(crate::pod::blocks::crc32c)
             .collect();
-        assert_eq!(sums.len(), 3);
+        assert_eq!(sums.len(), 12);
         assert_eq!(stored[1].blocks.as_ref().map(|b| &b.crc32c), Some(&sums));
         assert!(stored[0].blocks.is_none() && stored[2].blocks.is_none());
         assert_eq!(stored[2].size, 0);
