@@ -1098,3 +1098,22 @@ fn a_random_read_fetches_only_the_checksum_blocks_around_it() {
         "{fetched} bytes fetched: less than a 1 MiB unit"
     );
 }
+
+/// A file larger than a quarter of the disk cache gets no whole-file copy: the copy sits beside
+/// the file's blocks and would push them, or itself, out.
+#[test]
+fn a_file_too_large_for_the_cache_gets_no_whole_file_copy() {
+    let podfs = Podfs::new();
+    let data = one_file_pod(&podfs, 3 * MIB, 35);
+    let addr = format!("127.0.0.1:{}", support::free_port());
+    let m = Mounted::new(&podfs, &["--metrics", &addr, "--cache-size", "8M"]);
+    let path = m.pod("default", "p").join("big");
+    assert!(std::fs::read(&path).unwrap() == data);
+    wait_until("the blocks on disk", Duration::from_secs(30), || {
+        sample(&scrape(&addr), "podfs_cache_disk_writes_total", "") >= 3.0
+    });
+    assert!(std::fs::read(&path).unwrap() == data);
+    let text = scrape(&addr);
+    assert_eq!(sample(&text, "podfs_cache_file_copies_total", ""), 0.0);
+    assert_eq!(sample(&text, "podfs_passthrough_opens_total", ""), 0.0);
+}

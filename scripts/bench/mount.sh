@@ -192,7 +192,7 @@ new_cache() {
   rm -rf "$work/cache"
   cache="$work/cache"
 }
-cache_mb=$(( 2 * big_mb > 1024 ? 2 * big_mb : 1024 )) # holds all of big.bin: the disk-cache re-read
+cache_mb=$(( 4 * big_mb > 1024 ? 4 * big_mb : 1024 )) # holds big.bin twice (blocks and whole-file copy) and is at least 4x it (copies are made of files up to a quarter of the cache)
 podfs_mount() { start_mount podfs --cache-dir "$cache" --cache-size "${cache_mb}M" "$@"; }
 
 echo "bench: making the files ($big_mb MiB, 4 x $par_mb MiB, $huge_mb MiB, $many small files)" >&2

@@ -968,7 +968,9 @@ impl PodFs {
 
     /// Releases handle `fh` of inode `ino`.
     pub fn release(self: &Arc<Self>, ino: u64, fh: u64) {
-        lock(&self.files).remove(&fh);
+        if let Some(file) = lock(&self.files).remove(&fh) {
+            file.released(&self.reader);
+        }
         if self.passthrough.release(ino) {
             self.forget_data(ino);
         }

@@ -67,6 +67,8 @@ pub struct OpenFile {
     copy: Mutex<Option<Arc<CopyWriter>>>,
     /// Whether this handle started it and [`OpenFile::copy_started`] has not yet said so.
     copy_news: AtomicBool,
+    /// Whether a copy on disk awaits checking when this handle is released.
+    check_copy_later: AtomicBool,
 }
 
 /// Where a handle's reads stand, for read-ahead.
@@ -130,6 +132,7 @@ impl OpenFile {
             wants_copy: AtomicBool::new(false),
             copy: Mutex::new(None),
             copy_news: AtomicBool::new(false),
+            check_copy_later: AtomicBool::new(false),
         }
     }
 
@@ -152,22 +155,35 @@ impl OpenFile {
     }
 
     /// The file's verified whole-file copy, ready for the kernel to read directly. Also, when
-    /// there is none yet: starts checking one found on disk, or lets a read from offset 0 write
-    /// one.
+    /// there is none yet: notes that one found on disk is to be checked once this handle is
+    /// released ([`OpenFile::released`]), or lets a read from offset 0 write one. Only files of
+    /// at most a quarter of the disk cache get copies: a copy sits beside the file's blocks,
+    /// and must not push itself or them out.
     pub(super) async fn ready_copy(&self, reader: &Reader) -> Option<std::fs::File> {
         let (cache, key) = (reader.cache.as_ref()?, self.copy_key()?);
+        if key.len > cache.config().disk_bytes / 4 {
+            return None;
+        }
         match cache.copy_status(&key).await {
             CopyStatus::Ready(file) => return Some(file),
-            CopyStatus::Unverified => {
-                let entry = self.entry.clone();
-                let check = move |i, bytes: &[u8]| {
-                    verify_span(&entry, unit_range(&entry, i), bytes).is_ok()
-                };
-                cache.check_copy(&key, unit(&self.entry), check);
-            }
+            CopyStatus::Unverified => self.check_copy_later.store(true, Relaxed),
             CopyStatus::Missing => self.wants_copy.store(true, Relaxed),
         }
         None
+    }
+
+    /// The handle is released: checks the copy found on disk at open, if any, now that this
+    /// handle's reads (from the blocks) are over, rather than competing with them for the disk.
+    pub(super) fn released(&self, reader: &Reader) {
+        let (Some(cache), Some(key)) = (reader.cache.as_ref(), self.copy_key()) else {
+            return;
+        };
+        if self.check_copy_later.swap(false, Relaxed) {
+            let entry = self.entry.clone();
+            let check =
+                move |i, bytes: &[u8]| verify_span(&entry, unit_range(&entry, i), bytes).is_ok();
+            cache.check_copy(&key, unit(&self.entry), check);
+        }
     }
 
     /// Hands verified block `i` to the whole-file copy being written, if any.
