@@ -266,45 +266,43 @@ impl OpenFile {
         let entry = &self.entry;
         let b = block_size(entry);
         let span = range.start / b * b..(range.end.div_ceil(b) * b).min(entry.size);
-        let fetch = read_stored(&*self.remote, &self.pod, self.version, entry, span.clone());
         let check = |bytes: &[u8]| {
             verify_span(entry, span.clone(), bytes)
                 .map_err(|m| self.damaged(m.offset(entry)..span.end))
         };
+        let bytes = self.through_cache(cache, span.clone(), check).await?;
+        let at = (range.start - span.start) as usize..(range.end - span.start) as usize;
+        Ok(bytes.slice(at))
+    }
+
+    /// Bytes `span` of the file through the cache (or straight from the remote when the state
+    /// has no identity), checked by `check` whether they came from the remote or from disk.
+    async fn through_cache(
+        &self,
+        cache: &BlockCache,
+        span: Range<u64>,
+        check: impl Fn(&[u8]) -> Result<(), PodError>,
+    ) -> FsResult<Bytes> {
+        let entry = &self.entry;
+        let fetch = read_stored(&*self.remote, &self.pod, self.version, entry, span.clone());
         let offset = entry.data.as_ref().map_or(0, |d| d.offset);
-        let bytes = match self.key(offset + span.start, span.end - span.start) {
+        Ok(match self.key(offset + span.start, span.end - span.start) {
             Some(k) => cache.get_or_fetch(&k, fetch, check).await?,
             None => {
                 let bytes = fetch.await?;
                 check(&bytes)?;
                 bytes
             }
-        };
-        let at = (range.start - span.start) as usize..(range.end - span.start) as usize;
-        Ok(bytes.slice(at))
+        })
     }
 
     /// Unit `i`, through the cache: fetched unchecked from the remote, checked by the cache
     /// once, whether it came from the remote or from disk.
     async fn block(&self, cache: &BlockCache, i: u64) -> FsResult<Bytes> {
-        let r = unit_range(&self.entry, i);
-        let fetch = read_stored(
-            &*self.remote,
-            &self.pod,
-            self.version,
-            &self.entry,
-            r.clone(),
-        );
         let check = |bytes: &[u8]| self.check_block(i, bytes);
-        let offset = self.entry.data.as_ref().map_or(0, |d| d.offset);
-        let bytes = match self.key(offset + r.start, r.end - r.start) {
-            Some(k) => cache.get_or_fetch(&k, fetch, check).await?,
-            None => {
-                let bytes = fetch.await?;
-                check(&bytes)?;
-                bytes
-            }
-        };
+        let bytes = self
+            .through_cache(cache, unit_range(&self.entry, i), check)
+            .await?;
         self.copy_block(i, &bytes);
         Ok(bytes)
     }
