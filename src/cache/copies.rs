@@ -296,8 +296,9 @@ impl CopyJob {
                 );
                 // May scan the directory and evict.
                 let _ = tokio::task::spawn_blocking(move || disk.added(len, &counters)).await;
-                bump(&self.counters.copies_written);
+                // Ready before it is counted: whoever waits on the count may open it at once.
                 lock(&self.copies.verified).insert(self.key);
+                bump(&self.counters.copies_written);
                 done.send_replace(true);
             }
             // Given up, or every handle released first: the temp file is gone.

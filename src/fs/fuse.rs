@@ -210,7 +210,14 @@ impl Filesystem for Adapter {
                 Ok(o) => o,
                 Err(e) => return reply.error(failed("open", ino.0, &e)),
             };
-            let (direct, refused) = fs.passthrough.open(ino.0, opened.fh, opened.copy, reply);
+            let counted = || {
+                if let Some(m) = &metrics {
+                    m.passthrough_opens.inc();
+                }
+            };
+            let refused = fs
+                .passthrough
+                .open(ino.0, opened.fh, opened.copy, reply, counted);
             if let Some(e) = refused {
                 fs.set_passthrough(false);
                 tracing::warn!(
@@ -218,9 +225,6 @@ impl Filesystem for Adapter {
                     "the kernel refuses to read cached files directly (FUSE passthrough): \
                      reads go through the mount from now on"
                 );
-            }
-            if let (true, Some(m)) = (direct, metrics) {
-                m.passthrough_opens.inc();
             }
         });
     }

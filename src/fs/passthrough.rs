@@ -53,16 +53,18 @@ impl Passthrough {
     }
 
     /// Answers the open of `ino` as handle `fh`: from `copy` (or the inode's backing file) when
-    /// the kernel may read it directly, else through the mount, keeping the page cache (an
-    /// inode is one path of one version: its bytes never change). Returns whether it passes
-    /// through, and `Err` with the kernel's refusal of `copy` (passthrough is then off).
+    /// the kernel may read it directly (then calls `direct` first, so that whoever counts it
+    /// has counted it when the opener returns), else through the mount, keeping the page cache
+    /// (an inode is one path of one version: its bytes never change). Returns the kernel's
+    /// refusal of `copy`, if it refused it (passthrough is then off).
     pub fn open(
         &self,
         ino: u64,
         fh: u64,
         copy: Option<File>,
         reply: ReplyOpen,
-    ) -> (bool, Option<std::io::Error>) {
+        direct: impl FnOnce(),
+    ) -> Option<std::io::Error> {
         let mut inodes = lock(&self.inodes);
         let io = inodes.entry(ino).or_insert(Io::Mount(0));
         let mut refused = None;
@@ -78,15 +80,15 @@ impl Passthrough {
         match io {
             Io::Backing(id, n) => {
                 *n += 1;
+                direct();
                 reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), id);
-                (true, refused)
             }
             Io::Mount(n) => {
                 *n += 1;
                 reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
-                (false, refused)
             }
         }
+        refused
     }
 
     /// A whole-file copy of `ino`'s file is complete: whether to drop its page cache now (no
