@@ -364,6 +364,14 @@ for l in json.load(sys.stdin)["layers"]:
   # 1 and 4: cold sequential, then warm and disk-cache re-reads. This machine's storage and the
   # servers change speed from one minute to the next, so every tool, the curl baseline and the
   # local file take turns, $repeat rounds; the median is shown (peak RSS: the highest).
+  # warm_rereads SUBJECT FILE: three timed re-reads of FILE, one after the other (4, 4a, 4c).
+  warm_rereads() {
+    local m
+    for m in "$m4" "$m4a" "$m4c"; do
+      timed read_file "$2"
+      runs["$1|$m"]+="$secs "
+    done
+  }
   echo "bench: $remote: cold sequential read ($repeat rounds)" >&2
   local -A runs=()
   local round key
@@ -377,12 +385,7 @@ for l in json.load(sys.stdin)["layers"]:
         local)
           drop_caches; timed read_file "$tree/data/big.bin"
           runs["local file, cold|$m4b"]+="$secs "
-          timed read_file "$tree/data/big.bin"
-          runs["local file, warm|$m4"]+="$secs "
-          timed read_file "$tree/data/big.bin"
-          runs["local file, warm|$m4a"]+="$secs "
-          timed read_file "$tree/data/big.bin"
-          runs["local file, warm|$m4c"]+="$secs "
+          warm_rereads "local file, warm" "$tree/data/big.bin"
           continue ;;
       esac
       [ "$tool" = podfs ] && subject=podfs || subject="$tool mount"
@@ -391,12 +394,7 @@ for l in json.load(sys.stdin)["layers"]:
       drop_caches; timed read_file "$base/big.bin"
       runs["$subject|$m1"]+="$secs "
       if [ "$tool" = podfs ]; then
-        timed read_file "$base/big.bin"
-        runs["podfs|$m4"]+="$secs "
-        timed read_file "$base/big.bin"
-        runs["podfs|$m4a"]+="$secs "
-        timed read_file "$base/big.bin"
-        runs["podfs|$m4c"]+="$secs "
+        warm_rereads podfs "$base/big.bin"
         podfs_says
         cmp "$base/big.bin" "$tree/data/big.bin" # (untimed) the bytes the cold read left in the page cache
         stop_mount
