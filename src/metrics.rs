@@ -11,6 +11,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{EncodeLabelSet, prometheus_text};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -52,6 +53,8 @@ pub struct Metrics {
     pub fuse: Family<OpLabels, Histogram>,
     /// Opens answered with a backing file the kernel reads directly (FUSE passthrough).
     pub passthrough_opens: Counter,
+    /// File handles open now (opened and not yet released by the kernel).
+    pub open_files: Gauge,
 }
 
 fn latency_histogram() -> Histogram {
@@ -99,6 +102,13 @@ impl Metrics {
              FUSE reads (FUSE passthrough)",
             passthrough_opens.clone(),
         );
+        let open_files = Gauge::default();
+        registry.register(
+            "open_files",
+            "File handles open now: opened, and not yet released by the kernel (which releases \
+             a handle shortly after its last close returns)",
+            open_files.clone(),
+        );
         Self {
             registry,
             requests,
@@ -106,6 +116,7 @@ impl Metrics {
             errors,
             fuse,
             passthrough_opens,
+            open_files,
         }
     }
 

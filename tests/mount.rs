@@ -958,6 +958,16 @@ fn passthrough_opens(addr: &str) -> f64 {
     sample(&scrape(addr), "podfs_passthrough_opens_total", "")
 }
 
+/// Waits until the kernel has released every handle: it does so shortly after the last close
+/// returns, and an open before that still finds the file open.
+fn wait_until_released(addr: &str) {
+    wait_until(
+        "every handle to be released",
+        Duration::from_secs(30),
+        || sample(&scrape(addr), "podfs_open_files", "") == 0.0,
+    );
+}
+
 /// Waits until `n` whole-file copies have been written.
 fn wait_for_copies(addr: &str, n: f64) {
     wait_until("the whole-file copy", Duration::from_secs(60), || {
@@ -978,6 +988,7 @@ fn a_file_read_whole_is_then_read_by_the_kernel_directly() {
     let path = m.pod("default", "p").join("big");
     assert!(std::fs::read(&path).unwrap() == data);
     wait_for_copies(&addr, 1.0);
+    wait_until_released(&addr);
     let reads = fuse_reads(&addr);
     assert!(reads >= 1.0);
     assert_eq!(passthrough_opens(&addr), 0.0);
@@ -1016,6 +1027,7 @@ fn opens_of_one_file_never_mix_passthrough_and_reads_through_the_mount() {
     read_all(&mut a);
     assert_eq!(passthrough_opens(&addr), 0.0);
     drop((a, b));
+    wait_until_released(&addr);
     let mut c = std::fs::File::open(&path).unwrap();
     let mut d = std::fs::File::open(&path).unwrap();
     read_all(&mut c);

@@ -210,6 +210,9 @@ impl Filesystem for Adapter {
                 Ok(o) => o,
                 Err(e) => return reply.error(failed("open", ino.0, &e)),
             };
+            if let Some(m) = &metrics {
+                m.open_files.inc();
+            }
             let counted = || {
                 if let Some(m) = &metrics {
                     m.passthrough_opens.inc();
@@ -285,6 +288,9 @@ impl Filesystem for Adapter {
         // It may start a blocking task: this thread is fuser's, not the runtime's.
         let _runtime = self.rt.enter();
         self.fs.release(ino.0, fh.0);
+        if let Some(m) = &self.metrics {
+            m.open_files.dec();
+        }
         reply.ok();
     }
 
