@@ -835,12 +835,12 @@ fn the_disk_cache_serves_a_remount_and_damaged_cache_blocks_are_fetched_again() 
         );
     }
     // SAFETY: geteuid cannot fail and touches no memory.
-    let copies = usize::from(unsafe { libc::geteuid() } == 0);
+    let root = unsafe { libc::geteuid() } == 0;
     assert_eq!(
         cached_blocks().len(),
-        4 + copies,
-        "one file per 1 MiB block, the version object and, where the kernel may read it \
-         directly (root), the file whole"
+        if root { 2 } else { 5 },
+        "the version object and the file: one file per 1 MiB block, or where the kernel may \
+         read it directly (root), one whole-file copy instead"
     );
 
     // Without the state object, a new mount still reads the file: from the disk cache.
@@ -1053,10 +1053,14 @@ fn a_whole_file_copy_from_disk_is_checked_first_and_dropped_if_damaged() {
     assert_eq!(copy.len(), 1, "one whole-file copy in the cache");
     let copy = &copy[0];
 
-    // Whole: checked at the first open (which reads through the mount), then passed through.
+    // Whole: checked at the first open (which reads through the mount, from the copy: it
+    // replaced the file's blocks on disk), then passed through.
     let (m, addr) = mounted_with_metrics(&podfs);
     let path = m.pod("default", "p").join("big");
     assert!(std::fs::read(&path).unwrap() == data);
+    let metrics = scrape(&addr);
+    assert_eq!(sample(&metrics, "podfs_cache_fetches_total", ""), 0.0);
+    assert!(sample(&metrics, "podfs_cache_copy_hits_total", "") >= 3.0);
     assert_eq!(passthrough_opens(&addr), 0.0, "not before it is checked");
     wait_until("the copy to be checked", Duration::from_secs(30), || {
         std::fs::read(&path).unwrap() == data && passthrough_opens(&addr) >= 1.0

@@ -11,6 +11,7 @@
 # What is measured, on each remote (pod `data`: big.bin, p1..p4.bin, huge.bin; pod `many`):
 #   1. cold sequential read of big.bin (`dd bs=1M`) against one curl range GET of the same bytes
 #      of the state object, rclone mount and s3fs (reading the same bytes as a plain object);
+#      also each mounted client's CPU time (user + system, from /proc) during that read;
 #   2. four readers of p1..p4.bin at once, against four curls at once (and rclone, s3fs);
 #   3. a cold random 4 KiB read (median of BENCH_TTFB_RUNS offsets, the same for every tool):
 #      with the file looked up before the caches are dropped, and from a fresh mount (lookup
@@ -188,17 +189,26 @@ stop_mount() {
   rss_mib=$(( (kib + 512) / 1024 ))
 }
 
+# client_cpu: the mounted client's CPU time so far (user + system), in clock ticks.
+client_cpu() {
+  local pid
+  pid=$(pgrep -P "$mount_pid" | head -n 1)
+  awk '{ print $14 + $15 }' "/proc/$pid/stat"
+}
+# cpu_secs TICKS0 TICKS1: the CPU seconds between two client_cpu readings.
+cpu_secs() { awk -v a="$1" -v b="$2" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.2f", (b - a) / hz }'; }
+
 # A fresh, empty disk cache for podfs (the old one is removed: it would fill the disk).
 new_cache() {
   rm -rf "$work/cache"
   cache="$work/cache"
 }
-cache_mb=$(( 4 * big_mb > 1024 ? 4 * big_mb : 1024 )) # holds big.bin twice (blocks and whole-file copy) and is at least 4x it (copies are made of files up to a quarter of the cache)
+cache_mb=$(( 4 * big_mb > 1024 ? 4 * big_mb : 1024 )) # at least 4x big.bin: whole-file copies are made of files up to a quarter of the cache
 metrics_addr="127.0.0.1:$(free_port)"
 podfs_mount() { start_mount podfs --cache-dir "$cache" --cache-size "${cache_mb}M" --metrics "$metrics_addr" "$@"; }
 # podfs_says: what the mount's metrics say about how the last reads were served (to stderr).
 podfs_says() {
-  curl -s "http://$metrics_addr/metrics" | grep -E '^podfs_(passthrough_opens_total|cache_file_copies_total|cache_fetches_total) ' |
+  curl -s "http://$metrics_addr/metrics" | grep -E '^podfs_(passthrough_opens_total|cache_file_copies_total|cache_fetches_total|cache_copy_hits_total) ' |
     tr '\n' ' ' | sed 's/^/bench: podfs metrics: /' >&2
   echo >&2
 }
@@ -360,6 +370,7 @@ for l in json.load(sys.stdin)["layers"]:
   local m4c="4 warm re-read a third time, $big_mb MiB (same mount)"
   local m4b="4 re-read from the disk cache, $big_mb MiB (new mount, page cache dropped)"
   local mr="1 client peak RSS, cold sequential $big_mb MiB"
+  local mc="1 client CPU time (user + system), cold sequential $big_mb MiB"
 
   # 1 and 4: cold sequential, then warm and disk-cache re-reads. This machine's storage and the
   # servers change speed from one minute to the next, so every tool, the curl baseline and the
@@ -374,7 +385,7 @@ for l in json.load(sys.stdin)["layers"]:
   }
   echo "bench: $remote: cold sequential read ($repeat rounds)" >&2
   local -A runs=()
-  local round key
+  local round key cpu0 cpu1
   for round in $(seq 1 "$repeat"); do
     for tool in $(clients) curl local; do
       case "$tool" in
@@ -391,8 +402,9 @@ for l in json.load(sys.stdin)["layers"]:
       [ "$tool" = podfs ] && subject=podfs || subject="$tool mount"
       mount_client "$tool"
       stat "$base/big.bin" >/dev/null
-      drop_caches; timed read_file "$base/big.bin"
+      drop_caches; cpu0=$(client_cpu); timed read_file "$base/big.bin"; cpu1=$(client_cpu)
       runs["$subject|$m1"]+="$secs "
+      runs["$subject|$mc"]+="$(cpu_secs "$cpu0" "$cpu1") "
       if [ "$tool" = podfs ]; then
         warm_rereads podfs "$base/big.bin"
         podfs_says
@@ -416,6 +428,8 @@ for l in json.load(sys.stdin)["layers"]:
     # shellcheck disable=SC2086 # the samples are words
     if [[ "$key" == *"|$mr" ]]; then
       record "$remote" "${key#*|}" "${key%%|*}" "$(maximum ${runs[$key]})" MiB
+    elif [[ "$key" == *"|$mc" ]]; then
+      record "$remote" "${key#*|}" "${key%%|*}" "$(median 3 ${runs[$key]})" s
     else
       record "$remote" "${key#*|}" "${key%%|*}" "$(median 3 ${runs[$key]})" s "$big_mb"
     fi

@@ -7,17 +7,24 @@
 //!   It holds no header: the kernel reads it from offset 0.
 //! - **Writing.** Each verified block a handle gets (by a read or by read-ahead) is written at its
 //!   offset into a temp file beside the copy's name; once every block is in, the temp file is
-//!   renamed to the name. Handles of one file share one writer. If the last handle is released
-//!   before that, or the writer falls [`QUEUE`] blocks behind, the temp file is removed.
-//! - **Trust.** Only copies this process verified are handed out: one it wrote (from verified
-//!   blocks), or one found on disk (written by an earlier or another mount) and then checked
-//!   block by block in the background, removed if damaged. Until then, reads go the usual way.
+//!   renamed to the name. Handles of one file share one writer. The copy replaces the blocks:
+//!   blocks fetched for it are not also written to disk as blocks (one disk write per byte, not
+//!   two). If the last handle is released before the copy is whole, or the writer falls
+//!   [`QUEUE`] blocks behind, the blocks written so far become block files and the temp file is
+//!   removed.
+//! - **Reading.** A read whose blocks are not on disk as blocks reads them from the file's copy,
+//!   checked against the manifest like any disk block ([`BlockCache::read_copy`]); a copy that
+//!   fails is removed.
+//! - **Trust.** Only copies this process verified are handed to the kernel: one it wrote (from
+//!   verified blocks), or one found on disk (written by an earlier or another mount) and then
+//!   checked block by block in the background, removed if damaged.
 //! - **Bound.** Copies count towards the disk tier's bound and are evicted with the blocks, by
 //!   mtime (set when a copy is opened).
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::io;
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
@@ -76,8 +83,8 @@ impl Copies {
 pub enum CopyStatus {
     /// On disk and verified by this process: open, ready to hand to the kernel.
     Ready(File),
-    /// On disk, not yet verified by this process.
-    Unverified,
+    /// On disk, not yet verified by this process: open, for reads that check what they read.
+    Unverified(File),
     /// Not on disk (or no disk tier).
     Missing,
 }
@@ -123,6 +130,11 @@ impl CopyWriter {
         }
     }
 
+    /// Whether the copy still takes blocks (a block given to it now will be on disk).
+    pub fn taking(&self) -> bool {
+        !self.given_up.load(Relaxed) && lock(&self.tx).is_some()
+    }
+
     /// What says when the copy is whole and in place (`true`); closed if it never will be.
     pub fn finished(&self) -> watch::Receiver<bool> {
         self.finished.clone()
@@ -154,7 +166,7 @@ impl BlockCache {
                     if lock(&copies.verified).contains(&k) {
                         CopyStatus::Ready(file)
                     } else {
-                        CopyStatus::Unverified
+                        CopyStatus::Unverified(file)
                     }
                 }
                 Ok((len, _)) => {
@@ -236,16 +248,51 @@ impl BlockCache {
                 Ok(true) => {
                     lock(&copies.verified).insert(key.clone());
                 }
-                Ok(false) => {
-                    tracing::warn!(?key, path = %path.display(), "dropping a whole-file copy that fails verification");
-                    bump(&counters.copies_damaged);
-                    disk.remove_file(&path, key.len);
-                }
+                Ok(false) => discard(&disk, &copies, &counters, &key),
                 Err(e) => tracing::debug!(?key, error = %e, "cannot check a whole-file copy"),
             }
             lock(&copies.checking).remove(&key);
         });
     }
+}
+
+impl BlockCache {
+    /// Bytes `range` of an open whole-file copy (`None` if it cannot be read: a read error is
+    /// a miss). The caller checks them, and calls [`BlockCache::discard_copy`] if they fail.
+    pub async fn read_copy(&self, copy: &Arc<File>, range: Range<u64>) -> Option<Bytes> {
+        let copy = Arc::clone(copy);
+        let len = usize::try_from(range.end.checked_sub(range.start)?).ok()?;
+        tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0; len];
+            copy.read_exact_at(&mut buf, range.start).ok()?;
+            Some(Bytes::from(buf))
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+
+    /// Removes the copy of the file whose bytes are `key`: it failed a check.
+    pub async fn discard_copy(&self, key: &BlockKey) {
+        let Some(disk) = self.disk.as_ref().map(Arc::clone) else {
+            return;
+        };
+        let (key, copies, counters) = (
+            key.clone(),
+            Arc::clone(&self.copies),
+            Arc::clone(&self.counters),
+        );
+        let _ = tokio::task::spawn_blocking(move || discard(&disk, &copies, &counters, &key)).await;
+    }
+}
+
+/// Removes a damaged copy: logged and counted. Blocking.
+fn discard(disk: &DiskTier, copies: &Copies, counters: &Counters, key: &BlockKey) {
+    let path = disk.copy_path(key);
+    tracing::warn!(?key, path = %path.display(), "dropping a whole-file copy that fails verification");
+    lock(&copies.verified).remove(key);
+    bump(&counters.copies_damaged);
+    disk.remove_file(&path, key.len);
 }
 
 /// Whether every block of the file at `path` (`len` bytes, blocks of `block_size`) passes
@@ -332,13 +379,13 @@ impl CopyJob {
         .await
         .map_err(io::Error::other)??;
         let tmp = Arc::new(tmp);
-        let mut left = self.blocks;
+        let mut written = Vec::new();
         // Each block comes once (CopyWriter::add).
         while let Some((index, bytes)) = rx.recv().await {
             let (t, at) = (Arc::clone(&tmp), index * self.block_size);
             blocking(Box::new(move || t.as_file().write_all_at(&bytes, at))).await?;
-            left -= 1;
-            if left == 0 {
+            written.push(index);
+            if written.len() as u64 == self.blocks {
                 let tmp = Arc::into_inner(tmp).ok_or_else(|| io::Error::other("still shared"))?;
                 blocking(Box::new(move || {
                     tmp.persist(&tmp_path).map(drop).map_err(|e| e.error)
@@ -347,6 +394,30 @@ impl CopyJob {
                 return Ok(true);
             }
         }
+        // Given up: what the copy took was not written as blocks; it is, now.
+        let (disk, counters, key, bs) = (
+            Arc::clone(&self.disk),
+            Arc::clone(&self.counters),
+            self.key.clone(),
+            self.block_size,
+        );
+        blocking(Box::new(move || {
+            let mut buf = Vec::new();
+            for index in written {
+                let at = index * bs;
+                let n = bs.min(key.len - at);
+                buf.resize(usize::try_from(n).map_err(io::Error::other)?, 0);
+                tmp.as_file().read_exact_at(&mut buf, at)?;
+                let block = BlockKey {
+                    offset: key.offset + at,
+                    len: n,
+                    ..key.clone()
+                };
+                disk.put(&block, &buf, &counters);
+            }
+            Ok(())
+        }))
+        .await?;
         Ok(false)
     }
 }

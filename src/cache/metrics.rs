@@ -39,6 +39,11 @@ impl Collector for CacheCollector {
                 s.disk_misses,
             ),
             (
+                "cache_copy_hits",
+                "Blocks read from a whole-file copy on disk (and verified)",
+                s.copy_hits,
+            ),
+            (
                 "cache_coalesced",
                 "Gets served by a fetch of the same block already under way",
                 s.coalesced,

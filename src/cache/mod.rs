@@ -116,6 +116,19 @@ impl BlockKey {
     }
 }
 
+/// Where the bytes of a fetch given to [`BlockCache::get_or_load`] came from, which says whether
+/// the disk tier should keep them as a block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fetched {
+    /// From the remote: kept on disk as a block.
+    Remote,
+    /// From the remote, for a file whose whole-file copy is being written: the copy keeps them
+    /// on disk (one write, not two).
+    RemoteForCopy,
+    /// From the file's whole-file copy on disk, checked by the fetch: on disk already.
+    Copy,
+}
+
 /// How the block cache is sized and where it keeps blocks on disk.
 #[derive(Clone, Debug)]
 pub struct CacheConfig {
@@ -204,6 +217,9 @@ pub struct CacheStats {
     /// their check (removed).
     pub copies_written: u64,
     pub copies_damaged: u64,
+    /// Blocks read from a whole-file copy (and verified): a disk block file missed, the copy
+    /// had them.
+    pub copy_hits: u64,
     /// Bytes charged to the memory tier now.
     pub memory_bytes: u64,
     /// This process's estimate of the disk tier's bytes now.
@@ -233,6 +249,7 @@ struct Counters {
     disk_write_errors: AtomicU64,
     copies_written: AtomicU64,
     copies_damaged: AtomicU64,
+    copy_hits: AtomicU64,
     memory_bytes: AtomicU64,
 }
 
@@ -317,9 +334,26 @@ impl BlockCache {
         F: Future<Output = Result<Bytes, E>>,
         V: Fn(&[u8]) -> Result<(), E>,
     {
+        let fetch = async { fetch.await.map(|b| (b, Fetched::Remote)) };
+        self.get_or_load(key, fetch, verify).await
+    }
+
+    /// [`BlockCache::get_or_fetch`] with a fetch that says where its bytes came from
+    /// ([`Fetched`]), and so whether the disk tier keeps them as a block.
+    pub async fn get_or_load<E, F, V>(
+        &self,
+        key: &BlockKey,
+        fetch: F,
+        verify: V,
+    ) -> Result<Bytes, E>
+    where
+        E: Display,
+        F: Future<Output = Result<(Bytes, Fetched), E>>,
+        V: Fn(&[u8]) -> Result<(), E>,
+    {
         if !key.cacheable() {
             bump(&self.counters.uncached);
-            let bytes = fetch.await?;
+            let (bytes, _) = fetch.await?;
             verify(&bytes)?;
             return Ok(bytes);
         }
@@ -346,7 +380,7 @@ impl BlockCache {
     /// The miss path of one flight: disk, then the remote.
     async fn load<E: Display, F, V>(&self, key: &BlockKey, fetch: F, verify: &V) -> Result<Bytes, E>
     where
-        F: Future<Output = Result<Bytes, E>>,
+        F: Future<Output = Result<(Bytes, Fetched), E>>,
         V: Fn(&[u8]) -> Result<(), E>,
     {
         // A flight for this key may have finished between our memory lookup and joining.
@@ -358,22 +392,31 @@ impl BlockCache {
                 .insert(key.clone(), bytes.clone(), &self.counters);
             return Ok(bytes);
         }
-        let bytes = fetch
+        let (bytes, from) = fetch
             .await
             .inspect_err(|_| bump(&self.counters.fetch_errors))?;
         if let Err(e) = verify(&bytes) {
-            bump(&self.counters.remote_verify_failures);
+            bump(match from {
+                Fetched::Copy => &self.counters.disk_verify_failures,
+                Fetched::Remote | Fetched::RemoteForCopy => &self.counters.remote_verify_failures,
+            });
             tracing::debug!(?key, error = %e, "a fetched block fails verification");
             return Err(e);
         }
-        bump(&self.counters.fetches);
-        self.counters
-            .fetched_bytes
-            .fetch_add(bytes.len() as u64, Relaxed);
+        if from == Fetched::Copy {
+            bump(&self.counters.copy_hits);
+        } else {
+            bump(&self.counters.fetches);
+            self.counters
+                .fetched_bytes
+                .fetch_add(bytes.len() as u64, Relaxed);
+        }
         if bytes.len() as u64 == key.len {
             self.memory
                 .insert(key.clone(), bytes.clone(), &self.counters);
-            self.spawn_disk_write(key, &bytes);
+            if from == Fetched::Remote {
+                self.spawn_disk_write(key, &bytes);
+            }
         } else {
             // The verifier let through a block of another length than its key says: return
             // it, but keep nothing under a key it does not match.
@@ -492,6 +535,7 @@ impl BlockCache {
             disk_write_errors: get(&c.disk_write_errors),
             copies_written: get(&c.copies_written),
             copies_damaged: get(&c.copies_damaged),
+            copy_hits: get(&c.copy_hits),
             memory_bytes: get(&c.memory_bytes),
             disk_bytes: self.disk.as_ref().map_or(0, |d| d.size()),
             disk_enabled: self.enabled_disk().is_some(),

@@ -447,8 +447,10 @@ async fn a_copy_fed_every_block_appears_whole_and_ready() {
     assert_eq!(cache.stats().copies_written, 1);
 }
 
+/// A copy given up (its handles released first) keeps what it took, as block files: the blocks
+/// it took were not written to disk as blocks.
 #[tokio::test]
-async fn a_copy_left_unfinished_leaves_nothing_on_disk() {
+async fn a_copy_left_unfinished_keeps_what_it_took_as_blocks() {
     let dir = tempfile::tempdir().unwrap();
     let cache = BlockCache::new(config(Some(dir.path()))).unwrap();
     let (key, parts) = whole_file(4);
@@ -459,15 +461,29 @@ async fn a_copy_left_unfinished_leaves_nothing_on_disk() {
     let again = cache.start_copy(&key, BS).unwrap();
     assert!(Arc::ptr_eq(&writer, &again));
     drop((writer, again));
-    for _ in 0..500 {
-        if files_under(dir.path()).is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(files_under(dir.path()), Vec::<std::path::PathBuf>::new());
+    // Waits for the copy's writer to end.
+    cache.flush().await;
     assert!(matches!(cache.copy_status(&key).await, CopyStatus::Missing));
     assert_eq!(cache.stats().copies_written, 0);
+    assert_eq!(
+        files_under(dir.path()).len(),
+        2,
+        "two block files: no copy, no temp file"
+    );
+    let cache = disk_only(dir.path(), 1 << 20);
+    for i in 0..2 {
+        let block = BlockKey {
+            offset: key.offset + i * BS,
+            len: BS,
+            ..key.clone()
+        };
+        let gone = async { Err::<Bytes, String>("the remote is not asked".into()) };
+        let got = cache
+            .get_or_fetch(&block, gone, |_: &[u8]| Ok(()))
+            .await
+            .unwrap();
+        assert!(got == parts[i as usize], "block {i} from disk");
+    }
 }
 
 #[tokio::test]
@@ -487,7 +503,7 @@ async fn a_copy_found_on_disk_is_ready_only_once_checked_and_dropped_if_damaged(
     let cache = BlockCache::new(config(Some(dir.path()))).unwrap();
     assert!(matches!(
         cache.copy_status(&key).await,
-        CopyStatus::Unverified
+        CopyStatus::Unverified(_)
     ));
     cache.check_copy(&key, BS, check(parts.clone()));
     wait_for_copy(&cache, &key, |s| matches!(s, CopyStatus::Ready(_))).await;
@@ -502,7 +518,7 @@ async fn a_copy_found_on_disk_is_ready_only_once_checked_and_dropped_if_damaged(
     let cache = BlockCache::new(config(Some(dir.path()))).unwrap();
     assert!(matches!(
         cache.copy_status(&key).await,
-        CopyStatus::Unverified
+        CopyStatus::Unverified(_)
     ));
     cache.check_copy(&key, BS, check(parts));
     wait_for_copy(&cache, &key, |s| matches!(s, CopyStatus::Missing)).await;

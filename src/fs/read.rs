@@ -26,7 +26,7 @@ use tokio::sync::{Semaphore, watch};
 
 use super::FsResult;
 use super::lock;
-use crate::cache::{BlockCache, BlockKey, CopyStatus, CopyWriter};
+use crate::cache::{BlockCache, BlockKey, CopyStatus, CopyWriter, Fetched};
 use crate::name::PodName;
 use crate::pod::PodError;
 use crate::pod::blocks::{BLOCK_SIZE, WholeFileCheck, block_checked, block_size, verify_span};
@@ -69,6 +69,9 @@ pub struct OpenFile {
     copy_news: AtomicBool,
     /// Whether a copy on disk awaits checking when this handle is released.
     check_copy_later: AtomicBool,
+    /// The file's whole-file copy found on disk at open: reads of blocks not on disk as blocks
+    /// come from it (checked), since a copy replaces its file's blocks.
+    on_disk: Mutex<Option<Arc<std::fs::File>>>,
 }
 
 /// Where a handle's reads stand, for read-ahead.
@@ -133,6 +136,7 @@ impl OpenFile {
             copy: Mutex::new(None),
             copy_news: AtomicBool::new(false),
             check_copy_later: AtomicBool::new(false),
+            on_disk: Mutex::new(None),
         }
     }
 
@@ -154,20 +158,68 @@ impl OpenFile {
             .flatten()
     }
 
-    /// The file's verified whole-file copy, ready for the kernel to read directly. Also, when
-    /// there is none yet: notes that one found on disk is to be checked once this handle is
-    /// released ([`OpenFile::released`]), or lets a read from offset 0 write one. Only files of
-    /// at most a quarter of the disk cache get copies: a copy sits beside the file's blocks,
-    /// and must not push itself or them out.
+    /// The file's verified whole-file copy, ready for the kernel to read directly. A copy on
+    /// disk, verified or not, is kept for this handle's reads. Also, when there is none
+    /// verified: notes that one found on disk is to be checked once this handle is released
+    /// ([`OpenFile::released`]), or lets a read from offset 0 write one. Only files of at most
+    /// a quarter of the disk cache get copies, so that one large file cannot push everything
+    /// else out.
     pub(super) async fn ready_copy(&self, reader: &Reader) -> Option<std::fs::File> {
         let (cache, key) = (reader.cache.as_ref()?, self.copy_key()?);
         if key.len > cache.config().disk_bytes / 4 {
             return None;
         }
         match cache.copy_status(&key).await {
-            CopyStatus::Ready(file) => return Some(file),
-            CopyStatus::Unverified => self.check_copy_later.store(true, Relaxed),
+            CopyStatus::Ready(file) => {
+                let direct = file.try_clone().ok();
+                *lock(&self.on_disk) = Some(Arc::new(file));
+                return direct;
+            }
+            CopyStatus::Unverified(file) => {
+                *lock(&self.on_disk) = Some(Arc::new(file));
+                self.check_copy_later.store(true, Relaxed);
+            }
             CopyStatus::Missing => self.wants_copy.store(true, Relaxed),
+        }
+        None
+    }
+
+    /// Bytes `span` of the file for the cache: from the copy on disk if there is one and they
+    /// pass their checksums (a copy that fails is removed), else from the remote. `for_copy`:
+    /// the caller hands them to the copy being written, if any, which then keeps them on disk.
+    async fn load(
+        &self,
+        cache: &BlockCache,
+        span: Range<u64>,
+        for_copy: bool,
+    ) -> Result<(Bytes, Fetched), PodError> {
+        if let Some(bytes) = self.read_copy(cache, span.clone()).await {
+            return Ok((bytes, Fetched::Copy));
+        }
+        let entry = &self.entry;
+        let bytes = read_stored(&*self.remote, &self.pod, self.version, entry, span).await?;
+        let copying = for_copy && lock(&self.copy).as_ref().is_some_and(|c| c.taking());
+        Ok((
+            bytes,
+            if copying {
+                Fetched::RemoteForCopy
+            } else {
+                Fetched::Remote
+            },
+        ))
+    }
+
+    /// Bytes `span` from the copy found on disk at open, if they are there and pass their
+    /// checksums; a copy that fails is removed (and read no more).
+    async fn read_copy(&self, cache: &BlockCache, span: Range<u64>) -> Option<Bytes> {
+        let copy = lock(&self.on_disk).clone()?;
+        let bytes = cache.read_copy(&copy, span.clone()).await?;
+        if verify_span(&self.entry, span, &bytes).is_ok() {
+            return Some(bytes);
+        }
+        lock(&self.on_disk).take();
+        if let Some(key) = self.copy_key() {
+            cache.discard_copy(&key).await;
         }
         None
     }
@@ -270,7 +322,9 @@ impl OpenFile {
             verify_span(entry, span.clone(), bytes)
                 .map_err(|m| self.damaged(m.offset(entry)..span.end))
         };
-        let bytes = self.through_cache(cache, span.clone(), check).await?;
+        let bytes = self
+            .through_cache(cache, span.clone(), false, check)
+            .await?;
         let at = (range.start - span.start) as usize..(range.end - span.start) as usize;
         Ok(bytes.slice(at))
     }
@@ -281,15 +335,19 @@ impl OpenFile {
         &self,
         cache: &BlockCache,
         span: Range<u64>,
+        for_copy: bool,
         check: impl Fn(&[u8]) -> Result<(), PodError>,
     ) -> FsResult<Bytes> {
         let entry = &self.entry;
-        let fetch = read_stored(&*self.remote, &self.pod, self.version, entry, span.clone());
         let offset = entry.data.as_ref().map_or(0, |d| d.offset);
         Ok(match self.key(offset + span.start, span.end - span.start) {
-            Some(k) => cache.get_or_fetch(&k, fetch, check).await?,
+            Some(k) => {
+                let load = self.load(cache, span, for_copy);
+                cache.get_or_load(&k, load, check).await?
+            }
             None => {
-                let bytes = fetch.await?;
+                let bytes =
+                    read_stored(&*self.remote, &self.pod, self.version, entry, span).await?;
                 check(&bytes)?;
                 bytes
             }
@@ -301,7 +359,7 @@ impl OpenFile {
     async fn block(&self, cache: &BlockCache, i: u64) -> FsResult<Bytes> {
         let check = |bytes: &[u8]| self.check_block(i, bytes);
         let bytes = self
-            .through_cache(cache, unit_range(&self.entry, i), check)
+            .through_cache(cache, unit_range(&self.entry, i), true, check)
             .await?;
         self.copy_block(i, &bytes);
         Ok(bytes)
@@ -370,7 +428,8 @@ impl OpenFile {
     async fn read_ahead_chunk(&self, cache: &BlockCache, chunk: Range<u64>) {
         let entry = &self.entry;
         let span = unit_range(entry, chunk.start).start..unit_range(entry, chunk.end - 1).end;
-        let whole = read_stored(&*self.remote, &self.pod, self.version, entry, span.clone())
+        let whole = self
+            .load(cache, span.clone(), true)
             .map(|r| r.map_err(|e| e.to_string()))
             .shared();
         let offset = entry.data.as_ref().map_or(0, |d| d.offset);
@@ -378,21 +437,21 @@ impl OpenFile {
             let r = unit_range(entry, i);
             let whole = whole.clone();
             let fetch = async move {
-                let bytes = whole.await.map_err(|detail| {
+                let (bytes, from) = whole.await.map_err(|detail| {
                     PodError::Remote(crate::remote::RemoteError::Other {
                         remote: self.remote.name().to_owned(),
                         detail,
                     })
                 })?;
                 let at = (r.start - span.start) as usize..(r.end - span.start) as usize;
-                Ok::<_, PodError>(bytes.slice(at))
+                Ok::<_, PodError>((bytes.slice(at), from))
             };
             let key = self.key(offset + r.start, r.end - r.start);
             async move {
                 let check = |bytes: &[u8]| self.check_block(i, bytes);
                 let got = match key {
                     Some(k) => cache
-                        .get_or_fetch(&k, fetch, check)
+                        .get_or_load(&k, fetch, check)
                         .await
                         .map(|bytes| self.copy_block(i, &bytes)),
                     None => Ok(()),
