@@ -1,6 +1,7 @@
 //! podfs: versioned snapshots of directory trees ("pods") on S3 buckets, OCI registries and local
 //! directories.
 //!
+//! - [`buffers`]: reused buffers for the bytes of range reads.
 //! - [`config`]: the volume dir, `remotes.toml`, remote URL templates and placeholders.
 //! - [`name`]: pod names and `POD[:N]` references.
 //! - [`remote`]: the pod-level [`remote::Remote`] trait and its backends.
@@ -10,6 +11,7 @@
 //! - [`commands`]: the CLI commands, on top of the above.
 //! - [`term`]: what reaches a terminal: escaped remote text, one-line error chains.
 
+pub mod buffers;
 pub mod cache;
 pub mod commands;
 pub mod config;

@@ -263,9 +263,10 @@ impl BlockCache {
         let copy = Arc::clone(copy);
         let len = usize::try_from(range.end.checked_sub(range.start)?).ok()?;
         tokio::task::spawn_blocking(move || {
-            let mut buf = vec![0; len];
+            let mut buf = crate::buffers::take(len);
+            buf.resize(len, 0);
             copy.read_exact_at(&mut buf, range.start).ok()?;
-            Some(Bytes::from(buf))
+            Some(crate::buffers::share(buf))
         })
         .await
         .ok()

@@ -226,17 +226,14 @@ impl DiskTier {
             }
         };
         let want = header_len(&enc) as u64 + key.len;
-        let mut buf = Vec::new();
+        let mut buf = crate::buffers::take(usize::try_from(want + 1).unwrap_or(usize::MAX));
         // Read at most one byte past the expected size, whatever sits at this name.
-        let read = buf
-            .try_reserve_exact(usize::try_from(want + 1).unwrap_or(usize::MAX))
-            .map_err(io::Error::other)
-            .and_then(|()| (&mut file).take(want + 1).read_to_end(&mut buf));
+        let read = (&mut file).take(want + 1).read_to_end(&mut buf);
         if let Err(e) = read {
             warn_io("read", Some(key), &path, &e);
             return None;
         }
-        match parse(Bytes::from(buf), &enc, key.len) {
+        match parse(crate::buffers::share(buf), &enc, key.len) {
             Ok(data) => {
                 // Mark as recently used: eviction goes by mtime. Failing to is harmless.
                 let _ =

@@ -719,7 +719,7 @@ async fn read_body<E>(
         (None, Some(limit)) => limit,
         (None, None) => 0,
     };
-    let mut buf = BytesMut::with_capacity(usize::try_from(capacity).unwrap_or(0));
+    let mut buf = crate::buffers::take(usize::try_from(capacity).unwrap_or(0));
     let mut chunks = std::pin::pin!(chunks);
     while let Some(chunk) = chunks.next().await {
         let chunk = chunk.map_err(BodyFailure::Broken)?;
@@ -731,7 +731,7 @@ async fn read_body<E>(
         }
         buf.extend_from_slice(&chunk);
     }
-    Ok(buf.freeze())
+    Ok(crate::buffers::share(buf))
 }
 
 /// The innermost message of an error chain (e.g. "Connection refused (os error 111)").

@@ -315,7 +315,7 @@ impl OrasRemote {
                     BlobResponse::Partial(s) => s,
                     BlobResponse::Full(s) => return Ok(Ranged::Whole(s)),
                 };
-                let mut out = BytesMut::with_capacity(wanted);
+                let mut out = crate::buffers::take(wanted);
                 while out.len() < wanted {
                     let Some(chunk) = stream.next().await else {
                         break;
@@ -324,7 +324,7 @@ impl OrasRemote {
                     let take = chunk.len().min(wanted - out.len());
                     out.extend_from_slice(&chunk[..take]);
                 }
-                Ok(Ranged::Bytes(out.freeze()))
+                Ok(Ranged::Bytes(crate::buffers::share(out)))
             })
             .await?;
         if let Ranged::Bytes(b) = &out
