@@ -14,7 +14,7 @@ use bytes::Bytes;
 
 /// Free buffers kept, in bytes of capacity at most: two of the largest read-ahead requests
 /// (8 MiB). Beyond that, the buffers kept longest are freed.
-pub const KEPT_BYTES: usize = 16 << 20;
+const KEPT_BYTES: usize = 16 << 20;
 /// Buffers smaller than this are not worth keeping (malloc reuses them well: they are not
 /// served by `mmap`).
 const MIN_KEPT: usize = 128 << 10;
@@ -64,7 +64,11 @@ impl Pool {
                 return buf;
             }
         }
-        Vec::with_capacity(len)
+        let mut buf = Vec::new();
+        // A length no allocation can hold (a bad size from a server) is not an abort: the
+        // buffer grows as bytes arrive instead.
+        let _ = buf.try_reserve_exact(len);
+        buf
     }
 
     /// `buf` as [`Bytes`]; its memory comes back to this pool when the last view of it is

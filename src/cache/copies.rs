@@ -26,8 +26,6 @@ use std::fs::{self, File};
 use std::io;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::AtomicBool;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
 use bytes::Bytes;
@@ -95,7 +93,6 @@ pub struct CopyWriter {
     sent: Mutex<Vec<bool>>,
     /// Gone once the copy is given up or [`Copies::finish`]ed.
     tx: Mutex<Option<mpsc::Sender<(u64, Bytes)>>>,
-    given_up: AtomicBool,
     block_size: u64,
     /// Becomes `true` once the copy is whole and in place.
     finished: watch::Receiver<bool>,
@@ -110,9 +107,6 @@ impl std::fmt::Debug for CopyWriter {
 impl CopyWriter {
     /// Hands block `index` (verified: `block_size` bytes, fewer for the last) to the copy, once.
     pub fn add(&self, index: u64, bytes: &Bytes) {
-        if self.given_up.load(Relaxed) {
-            return;
-        }
         {
             let mut sent = lock(&self.sent);
             match usize::try_from(index).ok().and_then(|i| sent.get_mut(i)) {
@@ -121,10 +115,11 @@ impl CopyWriter {
             }
         }
         let mut tx = lock(&self.tx);
-        let sent = tx.as_ref().map(|t| t.try_send((index, bytes.clone())));
-        if !matches!(sent, Some(Ok(()))) {
-            tracing::debug!("a whole-file copy is given up: its writer is behind, or stopped");
-            self.given_up.store(true, Relaxed);
+        let Some(t) = tx.as_ref() else {
+            return;
+        };
+        if t.try_send((index, bytes.clone())).is_err() {
+            tracing::debug!("a whole-file copy is given up: its writer is behind");
             // The writer ends once it has written what it was given.
             tx.take();
         }
@@ -132,7 +127,7 @@ impl CopyWriter {
 
     /// Whether the copy still takes blocks (a block given to it now will be on disk).
     pub fn taking(&self) -> bool {
-        !self.given_up.load(Relaxed) && lock(&self.tx).is_some()
+        lock(&self.tx).is_some()
     }
 
     /// What says when the copy is whole and in place (`true`); closed if it never will be.
@@ -206,7 +201,6 @@ impl BlockCache {
         let writer = Arc::new(CopyWriter {
             sent: Mutex::new(vec![false; blocks]),
             tx: Mutex::new(Some(tx)),
-            given_up: AtomicBool::new(false),
             block_size,
             finished,
         });

@@ -125,7 +125,8 @@ pub enum Fetched {
     /// From the remote, for a file whose whole-file copy is being written: the copy keeps them
     /// on disk (one write, not two).
     RemoteForCopy,
-    /// From the file's whole-file copy on disk, checked by the fetch: on disk already.
+    /// From the file's whole-file copy on disk, checked by the fetch (against the same
+    /// checksums as the verifier's): on disk already.
     Copy,
 }
 
@@ -339,7 +340,9 @@ impl BlockCache {
     }
 
     /// [`BlockCache::get_or_fetch`] with a fetch that says where its bytes came from
-    /// ([`Fetched`]), and so whether the disk tier keeps them as a block.
+    /// ([`Fetched`]), and so whether the disk tier keeps them as a block. Bytes from a
+    /// whole-file copy ([`Fetched::Copy`]) were checked by the fetch, and are not checked
+    /// again.
     pub async fn get_or_load<E, F, V>(
         &self,
         key: &BlockKey,
@@ -395,11 +398,10 @@ impl BlockCache {
         let (bytes, from) = fetch
             .await
             .inspect_err(|_| bump(&self.counters.fetch_errors))?;
-        if let Err(e) = verify(&bytes) {
-            bump(match from {
-                Fetched::Copy => &self.counters.disk_verify_failures,
-                Fetched::Remote | Fetched::RemoteForCopy => &self.counters.remote_verify_failures,
-            });
+        if from != Fetched::Copy
+            && let Err(e) = verify(&bytes)
+        {
+            bump(&self.counters.remote_verify_failures);
             tracing::debug!(?key, error = %e, "a fetched block fails verification");
             return Err(e);
         }

@@ -221,8 +221,8 @@ impl Filesystem for Adapter {
             let refused = fs
                 .passthrough
                 .open(ino.0, opened.fh, opened.copy, reply, counted);
+            // Passthrough has turned itself off.
             if let Some(e) = refused {
-                fs.set_passthrough(false);
                 tracing::warn!(
                     error = %e,
                     "the kernel refuses to read cached files directly (FUSE passthrough): \
