@@ -10,7 +10,7 @@
 //! a conflict is a new object, with a new identity); a version that reuses older states copies
 //! their identities from its parent (docs/FORMAT.md, *State identity*).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -80,6 +80,73 @@ pub struct SaveOutcome {
     pub skipped: Vec<Skipped>,
 }
 
+/// What a save stores: the new version's tree, taken on top of the pod's latest version.
+pub trait Changes: Send + Sync {
+    /// The new version's entries on top of `parent` (the pod's latest version, if it has one),
+    /// sorted by the bytes of their paths. A file whose bytes are to be stored comes with the
+    /// local file that holds them (its `data` is ignored); every other file keeps its `data`,
+    /// pointing into a state that `parent` or [`Changes::state_id`] names.
+    fn on_top_of(&self, parent: Option<&VersionObject>)
+    -> PodResult<Vec<(Entry, Option<PathBuf>)>>;
+
+    /// Whether a version another writer commits first is merged: the entries are then taken
+    /// again on top of it (a mount's staged changes, per path). Otherwise the same tree is
+    /// committed under the next number (a directory saved whole replaces what was there).
+    fn merges(&self) -> bool {
+        false
+    }
+
+    /// The identity of state `state`, which a kept entry points into, when the parent does not
+    /// name it (an entry kept from an older version than the parent).
+    fn state_id(&self, _state: u64) -> Option<String> {
+        None
+    }
+
+    /// The local files of [`Changes::on_top_of`] are read: they may change from now on.
+    fn zipped(&self) {}
+}
+
+/// A directory scanned for `podfs save`: a file whose size and mtime match the parent's entry
+/// keeps pointing at its old bytes, every other file is stored from the directory.
+struct Scanned {
+    root: PathBuf,
+    entries: Vec<Entry>,
+}
+
+impl Changes for Scanned {
+    fn on_top_of(
+        &self,
+        parent: Option<&VersionObject>,
+    ) -> PodResult<Vec<(Entry, Option<PathBuf>)>> {
+        let prev = parent.map(|p| &p.manifest);
+        Ok(self
+            .entries
+            .iter()
+            .map(|e| {
+                let mut e = e.clone();
+                if e.kind != Kind::File {
+                    return (e, None);
+                }
+                match prev.and_then(|m| m.get(&e.path)) {
+                    Some(p)
+                        if p.kind == Kind::File
+                            && p.size == e.size
+                            && p.mtime == e.mtime
+                            && p.mtime_nsec == e.mtime_nsec =>
+                    {
+                        e.data = p.data.clone();
+                        (e, None)
+                    }
+                    _ => {
+                        let source = self.root.join(&e.path);
+                        (e, Some(source))
+                    }
+                }
+            })
+            .collect())
+    }
+}
+
 /// Saves `dir` as the next version of `pod` on `remote`.
 pub async fn save(
     remote: &dyn Remote,
@@ -96,12 +163,32 @@ pub async fn save(
         lenient_names: false,
     };
     let scanned = blocking(move || scan(&root, &opts)).await?;
-    let previous = remote.list_versions(pod).await?.last().copied();
-    let prev = match previous {
+    let changes = Scanned {
+        root: dir.to_owned(),
+        entries: scanned.entries,
+    };
+    let (mut outcome, _) = save_changes(remote, pod, &changes, params, progress).await?;
+    outcome.skipped = scanned.skipped;
+    Ok(outcome)
+}
+
+/// Saves `changes` as the next version of `pod` on `remote`: the one save-and-commit path of
+/// `podfs save` and of a mount. Returns what it did and, if it committed a version, that
+/// version's object.
+pub async fn save_changes(
+    remote: &dyn Remote,
+    pod: &PodName,
+    changes: &dyn Changes,
+    params: &SaveParams,
+    progress: &Arc<dyn Progress>,
+) -> PodResult<(SaveOutcome, Option<VersionObject>)> {
+    std::fs::create_dir_all(&params.staging_dir).map_err(PodError::io(&params.staging_dir))?;
+    let mut previous = remote.list_versions(pod).await?.last().copied();
+    let mut prev = match previous {
         Some(v) => Some(read_version(remote, pod, v).await?),
         None => None,
     };
-    let plan = Plan::new(scanned.entries, prev.as_ref().map(|p| &p.manifest));
+    let plan = Plan::new(changes.on_top_of(prev.as_ref())?);
     let mut outcome = SaveOutcome {
         version: None,
         previous,
@@ -109,13 +196,13 @@ pub async fn save(
         logical_bytes: plan.entries.iter().map(|e| e.size).sum(),
         changed_files: plan.to_store.len() as u64,
         stored_bytes: 0,
-        skipped: scanned.skipped,
+        skipped: Vec::new(),
     };
     if prev
         .as_ref()
         .is_some_and(|p| p.manifest.entries == plan.entries)
     {
-        return Ok(outcome);
+        return Ok((outcome, None));
     }
 
     sweep_staging(&params.staging_dir);
@@ -130,19 +217,21 @@ pub async fn save(
         .try_lock()
         .map_err(|e| PodError::io(staged.path())(std::io::Error::other(e)))?;
     let mut entries = plan.entries;
-    let has_state = !plan.to_store.is_empty();
+    let mut to_store = plan.to_store;
+    let has_state = !to_store.is_empty();
+    // What this version's own state holds, by path: kept across a merge.
+    let mut stored_at: HashMap<String, (u64, DataRef)> = HashMap::new();
     if has_state {
-        let total = plan.to_store.iter().map(|&i| entries[i].size).sum();
+        let total = to_store.iter().map(|(i, _)| entries[*i].size).sum();
         progress.start("zipping", total);
-        let inputs: Vec<StateInput> = plan
-            .to_store
+        let inputs: Vec<StateInput> = to_store
             .iter()
-            .map(|&i| StateInput {
-                name: entries[i].path.clone(),
-                source: dir.join(&entries[i].path),
-                size: entries[i].size,
-                mode: entries[i].mode,
-                mtime: entries[i].mtime,
+            .map(|(i, source)| StateInput {
+                name: entries[*i].path.clone(),
+                source: source.clone(),
+                size: entries[*i].size,
+                mode: entries[*i].mode,
+                mtime: entries[*i].mtime,
             })
             .collect();
         let dest = staged.path().to_owned();
@@ -152,9 +241,10 @@ pub async fn save(
         let stored =
             blocking(move || write_state_zip(&dest, &inputs, compress_below, &*p, &cancel)).await;
         progress.finish();
+        changes.zipped();
         let stored = stored.map_err(|e| cancelled_or(&params.cancel, e))?;
-        for (&i, s) in plan.to_store.iter().zip(stored) {
-            let e = &mut entries[i];
+        for ((i, _), s) in to_store.iter().zip(stored) {
+            let e = &mut entries[*i];
             e.size = s.size; // the file may have changed since the scan
             e.data = Some(DataRef {
                 state: 0, // numbered at commit
@@ -164,6 +254,11 @@ pub async fn save(
                 crc32: s.crc32,
                 blocks: s.blocks,
             });
+            if changes.merges()
+                && let Some(d) = &e.data
+            {
+                stored_at.insert(e.path.clone(), (e.size, d.clone()));
+            }
         }
         outcome.stored_bytes = std::fs::metadata(staged.path())
             .map_err(PodError::io(staged.path()))?
@@ -180,10 +275,9 @@ pub async fn save(
                 last: n,
             })
     };
-    let reused_ids = reused_state_ids(&entries, prev.as_ref())?;
     let mut n = next(previous.unwrap_or(0))?;
     for _ in 0..MAX_ATTEMPTS {
-        let mut state_ids = reused_ids.clone();
+        let mut state_ids = reused_state_ids(&entries, prev.as_ref(), changes)?;
         // What the backend needs to commit the state uploaded under `n`: a new upload (under a
         // new number after a conflict) comes with its own.
         let mut stored = None;
@@ -213,7 +307,8 @@ pub async fn save(
             }
             return Err(PodError::Cancelled(NOTHING_SAVED));
         }
-        let mut obj = version_object(pod, n, previous, &entries, &plan.to_store, params, &outcome);
+        let to_number: Vec<usize> = to_store.iter().map(|(i, _)| *i).collect();
+        let mut obj = version_object(pod, n, previous, &entries, &to_number, params, &outcome);
         obj.info.state_ids = state_ids;
         let states = obj.info.states.clone();
         let zip = obj.encode()?;
@@ -223,7 +318,7 @@ pub async fn save(
         {
             Ok(()) => {
                 outcome.version = Some(n);
-                return Ok(outcome);
+                return Ok((outcome, Some(obj)));
             }
             Err(RemoteError::AlreadyExists(_)) => {
                 tracing::info!(pod = %pod, version = n, "version taken by another writer, trying the next number");
@@ -231,6 +326,41 @@ pub async fn save(
                     tracing::warn!(pod = %pod, state = n, "could not remove an unused state object: {e}");
                 }
                 n = next(n)?;
+                if changes.merges() {
+                    // Merged on top of what the other writer committed, never over it.
+                    let latest = remote.list_versions(pod).await?.last().copied();
+                    if latest != previous {
+                        let newer = match latest {
+                            Some(v) => Some(read_version(remote, pod, v).await?),
+                            None => None,
+                        };
+                        tracing::info!(
+                            pod = %pod,
+                            "another writer saved version {} meanwhile: applying these changes on top of it",
+                            latest.map_or_else(|| "none".to_owned(), |v| v.to_string())
+                        );
+                        let merged = Plan::new(changes.on_top_of(newer.as_ref())?);
+                        (entries, to_store) = (merged.entries, merged.to_store);
+                        for (i, _) in &to_store {
+                            let e = &mut entries[*i];
+                            let Some((size, data)) = stored_at.get(&e.path) else {
+                                return Err(PodError::Io {
+                                    path: e.path.clone().into(),
+                                    source: std::io::Error::other(
+                                        "a staged file appeared while merging with another writer's version",
+                                    ),
+                                });
+                            };
+                            e.size = *size;
+                            e.data = Some(data.clone());
+                        }
+                        outcome.previous = latest;
+                        outcome.file_count = merged.file_count;
+                        outcome.logical_bytes = entries.iter().map(|e| e.size).sum();
+                        (previous, prev) = (latest, newer);
+                        n = next(previous.unwrap_or(0))?.max(n);
+                    }
+                }
             }
             Err(e) => return Err(e.into()),
         }
@@ -284,6 +414,7 @@ fn sweep_staging(dir: &Path) {
 fn reused_state_ids(
     entries: &[Entry],
     parent: Option<&VersionObject>,
+    changes: &dyn Changes,
 ) -> PodResult<BTreeMap<u64, String>> {
     let reused: BTreeSet<u64> = entries
         .iter()
@@ -295,7 +426,10 @@ fn reused_state_ids(
         .map(|s| {
             let id = match parent.and_then(|p| p.state_id(s)) {
                 Some(id) => id.to_owned(),
-                None => new_state_id()?,
+                None => match changes.state_id(s) {
+                    Some(id) => id,
+                    None => new_state_id()?,
+                },
             };
             Ok((s, id))
         })
@@ -343,35 +477,27 @@ fn version_object(
     }
 }
 
-/// The new manifest (before numbering) and which of its files need storing.
+/// The new manifest (before numbering) and which of its files need storing, from where.
 struct Plan {
     entries: Vec<Entry>,
-    to_store: Vec<usize>,
+    to_store: Vec<(usize, PathBuf)>,
     file_count: u64,
 }
 
 impl Plan {
-    /// Takes the scanned entries; a file whose size and mtime match the previous version's
-    /// entry keeps pointing at its old data, every other file is to be stored.
-    fn new(mut entries: Vec<Entry>, prev: Option<&Manifest>) -> Self {
+    fn new(listed: Vec<(Entry, Option<PathBuf>)>) -> Self {
+        let mut entries = Vec::with_capacity(listed.len());
         let mut to_store = Vec::new();
         let mut file_count = 0;
-        for (i, e) in entries.iter_mut().enumerate() {
-            if e.kind != Kind::File {
-                continue;
-            }
-            file_count += 1;
-            match prev.and_then(|m| m.get(&e.path)) {
-                Some(p)
-                    if p.kind == Kind::File
-                        && p.size == e.size
-                        && p.mtime == e.mtime
-                        && p.mtime_nsec == e.mtime_nsec =>
-                {
-                    e.data = p.data.clone();
+        for (mut e, source) in listed {
+            if e.kind == Kind::File {
+                file_count += 1;
+                if let Some(source) = source {
+                    e.data = None;
+                    to_store.push((entries.len(), source));
                 }
-                _ => to_store.push(i),
             }
+            entries.push(e);
         }
         Self {
             entries,
