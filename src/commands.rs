@@ -504,6 +504,10 @@ pub struct MountArgs {
     /// Bound of the memory cache (e.g. 64M).
     #[arg(long, default_value = "64M", value_parser = parse_size)]
     pub memory_cache: u64,
+    /// Save a pod once nothing changed in it for this long and no file in it is open for
+    /// writing (e.g. 500ms, 2s, 1m). `fsync` and unmounting save at once.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub save_delay: std::time::Duration,
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464).
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<std::net::SocketAddr>,
@@ -589,6 +593,9 @@ pub async fn mount(ctx: &Context, args: MountArgs) -> Result<()> {
         refresh: args.refresh,
         uid,
         gid,
+        staging: Some(ctx.volume.staging_dir()),
+        save_delay: args.save_delay,
+        creator: config::creator(),
     };
     let source = MountRemotes {
         volume: ctx.volume.clone(),
@@ -607,6 +614,8 @@ pub async fn mount(ctx: &Context, args: MountArgs) -> Result<()> {
     };
     let fs = Arc::new(fs.with_cache(Arc::clone(&cache)));
     fs.refresh_remotes().await;
+    fs.start_saving();
+    tokio::spawn(Arc::clone(&fs).recover());
     let mount_config = crate::fs::fuse::MountConfig {
         allow_other: args.allow_other,
         metrics: metrics.clone(),
@@ -614,6 +623,7 @@ pub async fn mount(ctx: &Context, args: MountArgs) -> Result<()> {
     };
     let rt = tokio::runtime::Handle::current();
     let at = point.clone();
+    let fs_handle = Arc::clone(&fs);
     let mounted =
         tokio::task::spawn_blocking(move || crate::fs::fuse::mount(fs, rt, &at, &mount_config))
             .await
@@ -630,7 +640,15 @@ pub async fn mount(ctx: &Context, args: MountArgs) -> Result<()> {
             ctx.shutdown.child_token(),
         ));
     }
+    let fs_at_end = Arc::clone(&fs_handle);
     mounted.serve(ctx.shutdown.clone()).await?;
+    if fs_at_end.has_pending() {
+        tracing::info!("unmounted: saving the pending changes");
+        if fs_at_end.save_all().await {
+            tracing::info!("pending changes saved");
+        }
+    }
+    fs_at_end.stop_saving();
     // Blocks fetched last are on their way to the disk cache: keep them for the next mount.
     cache.flush().await;
     Ok(())

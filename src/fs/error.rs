@@ -29,9 +29,46 @@ pub enum FsError {
     /// A file handle the kernel never got from us (or already released).
     #[error("unknown file handle {0}")]
     BadHandle(u64),
-    /// Any change: the mount is read-only for now (the write path is a later issue).
-    #[error("read-only file system: {0} is not supported yet")]
+    /// A change where nothing can change: `.versions/`, the root, a remote's directory.
+    #[error("read-only file system: {0} is not possible here")]
     ReadOnly(&'static str),
+    /// A name that is already taken (`O_EXCL`, `mkdir`, `RENAME_NOREPLACE`).
+    #[error("file exists")]
+    Exists,
+    #[error("is a directory")]
+    IsADirectory,
+    /// A rename from one pod to another (each pod saves on its own).
+    #[error("renaming across pods is a copy: the kernel's EXDEV makes mv copy")]
+    CrossDevice,
+    #[error("directory not empty")]
+    NotEmpty,
+    /// An operation that makes no sense here (moving a directory into itself, …).
+    #[error("invalid argument: {0}")]
+    Invalid(&'static str),
+    /// Refused on purpose (hard links, special files, removing a pod's directory, chown).
+    #[error("operation not permitted: {0}")]
+    NotPermitted(&'static str),
+    /// Extended attributes cannot be written: pods store none.
+    #[error("extended attributes cannot be stored in a pod")]
+    NotSupported,
+    /// A file being saved cannot be truncated this instant; the caller may retry.
+    #[error("the file is being saved: try again")]
+    Busy,
+    /// Staging on local disk failed (a full disk is `ENOSPC`).
+    #[error("staging {path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The staging dir cannot be used (another mount holds it, or its journal is damaged).
+    #[error("{0}")]
+    Staging(String),
+    /// `fsync`: the save that would commit the data failed (the data stays staged).
+    #[error(
+        "the pod could not be saved (the changes stay staged and are saved again later; see the log)"
+    )]
+    SaveFailed,
     /// Reading a manifest or file data failed.
     #[error(transparent)]
     Pod(#[from] PodError),
@@ -53,6 +90,16 @@ impl FsError {
             FsError::Stale => libc::ESTALE,
             FsError::BadHandle(_) => libc::EBADF,
             FsError::ReadOnly(_) => libc::EROFS,
+            FsError::Exists => libc::EEXIST,
+            FsError::IsADirectory => libc::EISDIR,
+            FsError::CrossDevice => libc::EXDEV,
+            FsError::NotEmpty => libc::ENOTEMPTY,
+            FsError::Invalid(_) => libc::EINVAL,
+            FsError::NotPermitted(_) => libc::EPERM,
+            FsError::NotSupported => libc::EOPNOTSUPP,
+            FsError::Busy => libc::EBUSY,
+            FsError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            FsError::Staging(_) | FsError::SaveFailed => libc::EIO,
             FsError::Pod(e) => pod_errno(e),
             FsError::Remote(e) => remote_errno(e),
         }

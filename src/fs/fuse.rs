@@ -15,10 +15,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use fuser::{
     BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenAccMode, OpenFlags, RenameFlags,
-    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
-    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, Session, SessionACL, SessionUnmounter,
-    TimeOrNow, WriteFlags,
+    INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, Session, SessionACL, SessionUnmounter, TimeOrNow,
+    WriteFlags,
 };
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::error::{FsError, MountError};
+use super::write::SetAttr;
 use super::{Attr, FileKind, Forget, PodFs, mountpoint};
 use crate::metrics::Metrics;
 
@@ -204,31 +205,12 @@ impl Filesystem for Adapter {
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let fs = Arc::clone(&self.fs);
         let metrics = self.metrics.clone();
-        let write = flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
         self.spawn("open", req, ino.0, async move {
-            let opened = match fs.open(ino.0, write).await {
+            let opened = match fs.open(ino.0, flags.0).await {
                 Ok(o) => o,
                 Err(e) => return reply.error(failed("open", ino.0, &e)),
             };
-            if let Some(m) = &metrics {
-                m.open_files.inc();
-            }
-            let counted = || {
-                if let Some(m) = &metrics {
-                    m.passthrough_opens.inc();
-                }
-            };
-            let refused = fs
-                .passthrough
-                .open(ino.0, opened.fh, opened.copy, reply, counted);
-            // Passthrough has turned itself off.
-            if let Some(e) = refused {
-                tracing::warn!(
-                    error = %e,
-                    "the kernel refuses to read cached files directly (FUSE passthrough): \
-                     reads go through the mount from now on"
-                );
-            }
+            answer_open(&fs, metrics.as_deref(), ino.0, opened, reply);
         });
     }
 
@@ -265,14 +247,19 @@ impl Filesystem for Adapter {
 
     fn fsync(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
+        req: &Request,
+        ino: INodeNo,
         _fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        // Nothing is ever written: there is nothing to sync.
-        reply.ok();
+        let fs = Arc::clone(&self.fs);
+        self.spawn("fsync", req, ino.0, async move {
+            match fs.fsync(ino.0).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(failed("fsync", ino.0, &e)),
+            }
+        });
     }
 
     fn release(
@@ -384,17 +371,36 @@ impl Filesystem for Adapter {
 
     fn fsyncdir(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
+        req: &Request,
+        ino: INodeNo,
         _fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        let fs = Arc::clone(&self.fs);
+        self.spawn("fsyncdir", req, ino.0, async move {
+            match fs.fsync(ino.0).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(failed("fsyncdir", ino.0, &e)),
+            }
+        });
     }
 
-    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        reply.statfs(0, 0, 0, 0, 0, 4096, 255, 4096);
+    fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
+        // The disk changes are staged on.
+        match self.fs.statfs() {
+            Ok(s) => reply.statfs(
+                s.f_blocks,
+                s.f_bfree,
+                s.f_bavail,
+                s.f_files,
+                s.f_ffree,
+                u32::try_from(s.f_bsize).unwrap_or(4096),
+                255,
+                u32::try_from(s.f_frsize).unwrap_or(4096),
+            ),
+            Err(e) => reply.error(failed("statfs", ino.0, &e)),
+        }
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, _name: &OsStr, _size: u32, reply: ReplyXattr) {
@@ -410,18 +416,18 @@ impl Filesystem for Adapter {
         }
     }
 
-    // Every change: read-only for now.
+    // Changes: below `POD/` they are staged (src/fs/write.rs); elsewhere they are EROFS.
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
-        _mode: Option<u32>,
-        _uid: Option<u32>,
-        _gid: Option<u32>,
-        _size: Option<u64>,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
         _atime: Option<TimeOrNow>,
-        _mtime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
         _ctime: Option<SystemTime>,
         _fh: Option<FileHandle>,
         _crtime: Option<SystemTime>,
@@ -430,64 +436,142 @@ impl Filesystem for Adapter {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        reply.error(read_only("setattr", ino));
+        let fs = Arc::clone(&self.fs);
+        let set = SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            mtime: mtime.map(|t| match t {
+                TimeOrNow::SpecificTime(t) => t,
+                TimeOrNow::Now => SystemTime::now(),
+            }),
+        };
+        self.spawn("setattr", req, ino.0, async move {
+            match fs.setattr(ino.0, set).await {
+                Ok(a) => reply.attr(&a.ttl, &file_attr(&a)),
+                Err(e) => reply.error(failed("setattr", ino.0, &e)),
+            }
+        });
     }
 
     fn mknod(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
-        _name: &OsStr,
-        _mode: u32,
-        _umask: u32,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
         _rdev: u32,
         reply: ReplyEntry,
     ) {
-        reply.error(read_only("mknod", parent));
+        if mode & libc::S_IFMT != libc::S_IFREG {
+            let e = FsError::NotPermitted(
+                "special files (a pod holds files, directories and symlinks)",
+            );
+            return reply.error(failed("mknod", parent.0, &e));
+        }
+        let fs = Arc::clone(&self.fs);
+        let name = name.to_owned();
+        self.spawn("mknod", req, parent.0, async move {
+            match fs
+                .create(
+                    parent.0,
+                    &name,
+                    mode & !umask,
+                    libc::O_WRONLY | libc::O_EXCL,
+                )
+                .await
+            {
+                Ok((found, opened)) => {
+                    fs.release(found.attr.ino, opened.fh);
+                    entry(reply, &found);
+                }
+                Err(e) => reply.error(failed("mknod", parent.0, &e)),
+            }
+        });
     }
 
     fn mkdir(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
-        _name: &OsStr,
-        _mode: u32,
-        _umask: u32,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
         reply: ReplyEntry,
     ) {
-        reply.error(read_only("mkdir", parent));
+        let fs = Arc::clone(&self.fs);
+        let name = name.to_owned();
+        self.spawn("mkdir", req, parent.0, async move {
+            match fs.mkdir(parent.0, &name, mode & !umask & 0o7777).await {
+                Ok(found) => entry(reply, &found),
+                Err(e) => reply.error(failed("mkdir", parent.0, &e)),
+            }
+        });
     }
 
-    fn unlink(&self, _req: &Request, parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(read_only("unlink", parent));
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let fs = Arc::clone(&self.fs);
+        let name = name.to_owned();
+        self.spawn("unlink", req, parent.0, async move {
+            match fs.unlink(parent.0, &name).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(failed("unlink", parent.0, &e)),
+            }
+        });
     }
 
-    fn rmdir(&self, _req: &Request, parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(read_only("rmdir", parent));
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let fs = Arc::clone(&self.fs);
+        let name = name.to_owned();
+        self.spawn("rmdir", req, parent.0, async move {
+            match fs.rmdir(parent.0, &name).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(failed("rmdir", parent.0, &e)),
+            }
+        });
     }
 
     fn symlink(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
-        _name: &OsStr,
-        _target: &Path,
+        link_name: &OsStr,
+        target: &Path,
         reply: ReplyEntry,
     ) {
-        reply.error(read_only("symlink", parent));
+        let fs = Arc::clone(&self.fs);
+        let (name, target) = (link_name.to_owned(), target.to_owned());
+        self.spawn("symlink", req, parent.0, async move {
+            match fs.symlink(parent.0, &name, &target).await {
+                Ok(found) => entry(reply, &found),
+                Err(e) => reply.error(failed("symlink", parent.0, &e)),
+            }
+        });
     }
 
     fn rename(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
-        _name: &OsStr,
-        _newparent: INodeNo,
-        _newname: &OsStr,
-        _flags: RenameFlags,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        reply.error(read_only("rename", parent));
+        let fs = Arc::clone(&self.fs);
+        let (name, newname) = (name.to_owned(), newname.to_owned());
+        self.spawn("rename", req, parent.0, async move {
+            match fs
+                .rename(parent.0, &name, newparent.0, &newname, flags.bits())
+                .await
+            {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(failed("rename", parent.0, &e)),
+            }
+        });
     }
 
     fn link(
@@ -498,35 +582,70 @@ impl Filesystem for Adapter {
         _newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        reply.error(read_only("link", ino));
+        let e = FsError::NotPermitted("hard links (a pod stores each path once)");
+        reply.error(failed("link", ino.0, &e));
     }
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
-        _offset: u64,
-        _data: &[u8],
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
         _write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        reply.error(read_only("write", ino));
+        let fs = Arc::clone(&self.fs);
+        let data = data.to_vec();
+        self.spawn("write", req, ino.0, async move {
+            match fs.write(fh.0, offset, &data).await {
+                Ok(n) => reply.written(n),
+                Err(e) => reply.error(failed("write", ino.0, &e)),
+            }
+        });
     }
 
     fn create(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
-        _name: &OsStr,
-        _mode: u32,
-        _umask: u32,
-        _flags: i32,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
         reply: ReplyCreate,
     ) {
-        reply.error(read_only("create", parent));
+        let fs = Arc::clone(&self.fs);
+        let metrics = self.metrics.clone();
+        let name = name.to_owned();
+        self.spawn("create", req, parent.0, async move {
+            match fs
+                .create(parent.0, &name, mode & !umask & 0o7777, flags)
+                .await
+            {
+                Ok((found, opened)) => {
+                    if !fs.passthrough.note_writing(found.attr.ino) {
+                        fs.release(found.attr.ino, opened.fh);
+                        let e = FsError::Busy;
+                        return reply.error(failed("create", parent.0, &e));
+                    }
+                    if let Some(m) = &metrics {
+                        m.open_files.inc();
+                    }
+                    reply.created(
+                        &found.entry_ttl,
+                        &file_attr(&found.attr),
+                        Generation(0),
+                        FileHandle(opened.fh),
+                        FopenFlags::FOPEN_KEEP_CACHE,
+                    );
+                }
+                Err(e) => reply.error(failed("create", parent.0, &e)),
+            }
+        });
     }
 
     fn setxattr(
@@ -539,11 +658,11 @@ impl Filesystem for Adapter {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        reply.error(read_only("setxattr", ino));
+        reply.error(failed("setxattr", ino.0, &FsError::NotSupported));
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(read_only("removexattr", ino));
+        reply.error(failed("removexattr", ino.0, &FsError::NotSupported));
     }
 
     fn fallocate(
@@ -556,12 +675,59 @@ impl Filesystem for Adapter {
         _mode: i32,
         reply: ReplyEmpty,
     ) {
-        reply.error(read_only("fallocate", ino));
+        reply.error(failed("fallocate", ino.0, &FsError::NotSupported));
     }
 }
 
-fn read_only(op: &'static str, ino: INodeNo) -> Errno {
-    failed(op, ino.0, &FsError::ReadOnly(op))
+/// Answers a lookup-like request with a new entry.
+fn entry(reply: ReplyEntry, found: &super::Found) {
+    reply.entry_with_ttls(
+        &found.attr.ttl,
+        &found.entry_ttl,
+        &file_attr(&found.attr),
+        Generation(0),
+    );
+}
+
+/// Answers an open: a handle for writing reads and writes through the mount; one for reading
+/// may pass through to a whole-file copy.
+fn answer_open(
+    fs: &PodFs,
+    metrics: Option<&Metrics>,
+    ino: u64,
+    opened: super::Opened,
+    reply: ReplyOpen,
+) {
+    if opened.write {
+        if !fs.passthrough.open_for_writing(ino, opened.fh, reply) {
+            // The kernel reads this inode from a backing file: writes would bypass the mount.
+            fs.release_unanswered(ino, opened.fh);
+            return;
+        }
+        if let Some(m) = metrics {
+            m.open_files.inc();
+        }
+        return;
+    }
+    if let Some(m) = metrics {
+        m.open_files.inc();
+    }
+    let counted = || {
+        if let Some(m) = metrics {
+            m.passthrough_opens.inc();
+        }
+    };
+    let refused = fs
+        .passthrough
+        .open(ino, opened.fh, opened.copy, reply, counted);
+    // Passthrough has turned itself off.
+    if let Some(e) = refused {
+        tracing::warn!(
+            error = %e,
+            "the kernel refuses to read cached files directly (FUSE passthrough): \
+             reads go through the mount from now on"
+        );
+    }
 }
 
 /// Settings of the FUSE session.

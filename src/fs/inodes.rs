@@ -30,6 +30,13 @@ pub(super) enum Node {
         version: u64,
         path: String,
     },
+    /// An object of `POD/`'s working tree (src/fs/workspace.rs): it keeps its inode through
+    /// renames, and its attributes and bytes change as it is written.
+    Live {
+        remote: usize,
+        pod: PodName,
+        obj: u64,
+    },
 }
 
 #[derive(Debug)]

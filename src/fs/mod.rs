@@ -30,9 +30,14 @@ pub mod error;
 pub mod fuse;
 mod inodes;
 pub mod mountpoint;
+mod overlay;
 pub mod passthrough;
 mod read;
 mod remotes;
+mod saver;
+mod staging;
+mod workspace;
+mod write;
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -74,15 +79,25 @@ pub struct FsConfig {
     /// Owner shown for every file: the mounting user.
     pub uid: u32,
     pub gid: u32,
+    /// Where changes are staged (`staging/` of the volume dir); `None`: pods are read-only.
+    pub staging: Option<std::path::PathBuf>,
+    /// A pod is saved once nothing changed in it for this long and no file in it is open for
+    /// writing.
+    pub save_delay: Duration,
+    /// `creator` of the versions a mount saves (`user@host`).
+    pub creator: String,
 }
 
 impl Default for FsConfig {
-    /// Refresh every 10 s; owned by root (callers set the mounting user).
+    /// Refresh every 10 s; owned by root (callers set the mounting user); read-only.
     fn default() -> Self {
         Self {
             refresh: Duration::from_secs(10),
             uid: 0,
             gid: 0,
+            staging: None,
+            save_delay: Duration::from_secs(2),
+            creator: String::new(),
         }
     }
 }
@@ -191,6 +206,14 @@ pub struct PodFs {
     pub(super) passthrough: Passthrough,
     /// Inodes whose page cache is being dropped ([`PodFs::forget_data`]): the end of each.
     dropping: Mutex<HashMap<u64, watch::Receiver<bool>>>,
+    /// The working tree of every pod looked into (`POD/`), with its staged changes.
+    workspaces: Mutex<HashMap<(usize, PodName), Arc<workspace::Workspace>>>,
+    /// Open handles of files of working trees.
+    live: Mutex<HashMap<u64, Arc<write::LiveFile>>>,
+    /// Stops the savers (at unmount, once pending changes are saved).
+    savers: tokio_util::sync::CancellationToken,
+    /// Hands each new working tree to the task that starts its saver ([`PodFs::start_saving`]).
+    saver_tx: OnceLock<tokio::sync::mpsc::UnboundedSender<Arc<workspace::Workspace>>>,
 }
 
 /// An open file handle, and the file's verified whole-file copy when the kernel may read that
@@ -199,6 +222,8 @@ pub struct PodFs {
 pub struct Opened {
     pub fh: u64,
     pub copy: Option<std::fs::File>,
+    /// Opened for writing: never passed through.
+    pub write: bool,
 }
 
 impl std::fmt::Debug for PodFs {
@@ -234,6 +259,10 @@ impl PodFs {
             invalidate: OnceLock::new(),
             passthrough: Passthrough::default(),
             dropping: Mutex::default(),
+            workspaces: Mutex::default(),
+            live: Mutex::default(),
+            savers: tokio_util::sync::CancellationToken::new(),
+            saver_tx: OnceLock::new(),
         }
     }
 
@@ -551,6 +580,7 @@ impl PodFs {
                     ttl: refresh,
                 })
             }
+            Node::Live { remote, pod, obj } => self.live_attr(ino, *remote, pod, *obj).await,
             Node::Path { path, .. } if path.is_empty() => {
                 Ok(self.dir_attr(ino, 0o755, 1, started, IMMUTABLE_TTL))
             }
@@ -603,7 +633,7 @@ impl PodFs {
     /// dropped by the invalidator if its pod is replaced).
     fn entry_ttl(&self, parent: &Node, attr: &Attr) -> Duration {
         match parent {
-            Node::Pod(..) => attr.ttl.min(self.config.refresh),
+            Node::Pod(..) | Node::Live { .. } => attr.ttl.min(self.config.refresh),
             _ => attr.ttl,
         }
     }
@@ -633,16 +663,17 @@ impl PodFs {
             }
             Node::Remote(r) => {
                 let pod = PodName::new(name).map_err(|_| FsError::NotFound)?;
-                self.latest(*r, &pod).await?;
+                self.workspace(*r, &pod).await?;
                 Ok(Node::Pod(*r, pod))
             }
             Node::Pod(r, pod) => {
                 if name == VERSIONS_DIR {
                     return Ok(Node::Versions(*r, pod.clone()));
                 }
-                let (generation, version) = self.latest(*r, pod).await?;
-                self.path_child(*r, pod, generation, version, "", name)
-                    .await
+                self.live_child(*r, pod, None, name).await
+            }
+            Node::Live { remote, pod, obj } => {
+                self.live_child(*remote, pod, Some(*obj), name).await
             }
             Node::Versions(r, pod) => {
                 if name == LATEST_LINK {
@@ -718,6 +749,10 @@ impl PodFs {
                 let e = obj.manifest.get(&path).ok_or(FsError::NotFound)?;
                 e.target.clone().ok_or(FsError::NotASymlink)
             }
+            Node::Live { remote, pod, obj } => {
+                let item = self.workspace(remote, &pod).await?.item_of(obj)?;
+                item.entry.target.ok_or(FsError::NotASymlink)
+            }
             Node::Root | Node::Remote(_) | Node::Pod(..) | Node::Versions(..) => {
                 Err(FsError::NotASymlink)
             }
@@ -742,8 +777,18 @@ impl PodFs {
                 }
             }
             Node::Remote(r) => {
-                for (pod, _) in self.pod_list(r).await?.iter() {
-                    out.push(dir(Node::Pod(r, pod.clone()), pod.as_str()));
+                let mut pods: Vec<PodName> = self
+                    .pod_list(r)
+                    .await?
+                    .iter()
+                    .map(|(p, _)| p.clone())
+                    .collect();
+                pods.extend(self.new_pods(r));
+                pods.sort();
+                pods.dedup();
+                for pod in pods {
+                    let name = pod.as_str().to_owned();
+                    out.push(dir(Node::Pod(r, pod), &name));
                 }
             }
             Node::Versions(r, pod) => {
@@ -767,10 +812,9 @@ impl PodFs {
                 }
             }
             Node::LatestLink(..) => return Err(FsError::NotADirectory),
-            Node::Pod(r, pod) => {
-                let (generation, version) = self.latest(r, &pod).await?;
-                self.list_path(r, &pod, generation, version, "", &mut out)
-                    .await?;
+            Node::Pod(r, pod) => self.live_list(r, &pod, None, &mut out).await?,
+            Node::Live { remote, pod, obj } => {
+                self.live_list(remote, &pod, Some(obj), &mut out).await?;
             }
             Node::Path {
                 remote,
@@ -906,8 +950,12 @@ impl PodFs {
     }
 
     /// Opens file `ino` for reading; pins the version it belongs to.
-    pub async fn open(&self, ino: u64, write: bool) -> FsResult<Opened> {
-        if write {
+    pub async fn open(&self, ino: u64, flags: i32) -> FsResult<Opened> {
+        let node = self.node(ino)?;
+        if let Node::Live { remote, pod, obj } = &node {
+            return self.live_open(ino, *remote, pod, *obj, flags).await;
+        }
+        if write::writes(flags) {
             return Err(FsError::ReadOnly("opening for writing"));
         }
         let Node::Path {
@@ -916,7 +964,7 @@ impl PodFs {
             generation,
             version,
             path,
-        } = self.node(ino)?
+        } = node
         else {
             return Err(FsError::ReadOnly("opening this node"));
         };
@@ -951,11 +999,19 @@ impl PodFs {
         };
         let fh = self.handle();
         lock(&self.files).insert(fh, Arc::new(file));
-        Ok(Opened { fh, copy })
+        Ok(Opened {
+            fh,
+            copy,
+            write: false,
+        })
     }
 
     /// Up to `size` bytes of open file `fh` from `offset` (fewer at the end of the file).
     pub async fn read(self: &Arc<Self>, fh: u64, offset: u64, size: u32) -> FsResult<Bytes> {
+        let live = lock(&self.live).get(&fh).cloned();
+        if let Some(live) = live {
+            return self.live_read(&live, offset, size).await;
+        }
         let file = lock(&self.files)
             .get(&fh)
             .cloned()
@@ -968,6 +1024,9 @@ impl PodFs {
 
     /// Releases handle `fh` of inode `ino`.
     pub fn release(self: &Arc<Self>, ino: u64, fh: u64) {
+        if let Some(live) = lock(&self.live).remove(&fh) {
+            live.released(&self.reader);
+        }
         if let Some(file) = lock(&self.files).remove(&fh) {
             file.released(&self.reader);
         }
@@ -1077,17 +1136,21 @@ mod tests {
             Err(FsError::NotADirectory)
         ));
         assert!(matches!(
-            fs.open(a.ino, true).await,
+            fs.open(a.ino, libc::O_WRONLY).await,
             Err(FsError::ReadOnly(_))
         ));
 
-        // A handle keeps its version once POD/ moves on.
-        let fh = fs.open(a.ino, false).await.unwrap().fh;
+        // A handle keeps its version once POD/ moves on; the path shows the new one.
+        let fh = fs.open(a.ino, libc::O_RDONLY).await.unwrap().fh;
         save_tree(&*remote, &pod, &[("a.txt", b"two!"), ("d/b.txt", b"bee")]).await;
         let a2 = fs.lookup(p.ino, OsStr::new("a.txt")).await.unwrap().attr;
-        assert_ne!(a.ino, a2.ino, "a new version is a new inode");
+        assert_eq!(a2.size, 4);
+        assert_ne!(
+            a.ino, a2.ino,
+            "a file another writer changed is a new inode"
+        );
         assert_eq!(&fs.read(fh, 0, 100).await.unwrap()[..], b"one");
-        let fh2 = fs.open(a2.ino, false).await.unwrap().fh;
+        let fh2 = fs.open(a2.ino, libc::O_RDONLY).await.unwrap().fh;
         assert_eq!(&fs.read(fh2, 1, 2).await.unwrap()[..], b"wo");
 
         let v = fs
@@ -1105,7 +1168,9 @@ mod tests {
         assert_eq!(fs.readlink(latest.ino).await.unwrap(), "2");
         let v1 = fs.lookup(v.ino, OsStr::new("1")).await.unwrap().attr;
         let a1 = fs.lookup(v1.ino, OsStr::new("a.txt")).await.unwrap().attr;
-        assert_eq!(a1.ino, a.ino, "one inode per path of a version");
+        let a1b = fs.lookup(v1.ino, OsStr::new("a.txt")).await.unwrap().attr;
+        assert_eq!(a1.ino, a1b.ino, "one inode per path of a version");
+        assert_ne!(a1.ino, a.ino, "POD/ is the working tree, not a version");
         for missing in ["3", "01", "0", "x"] {
             assert!(matches!(
                 fs.lookup(v.ino, OsStr::new(missing)).await,
@@ -1136,7 +1201,7 @@ mod tests {
             .unwrap()
             .attr;
         let v1 = fs.lookup(v.ino, OsStr::new("1")).await.unwrap().attr;
-        let fh = fs.open(a.ino, false).await.unwrap().fh;
+        let fh = fs.open(a.ino, libc::O_RDONLY).await.unwrap().fh;
         assert_eq!(&fs.read(fh, 0, 100).await.unwrap()[..], b"one");
 
         crate::pod::delete::delete(&*remote, &pod, None)
@@ -1152,13 +1217,12 @@ mod tests {
         let a2 = fs.lookup(p.ino, OsStr::new("a.txt")).await.unwrap().attr;
         assert_ne!(a2.ino, a.ino);
         assert_eq!(a2.size, 5);
-        let fh2 = fs.open(a2.ino, false).await.unwrap().fh;
+        let fh2 = fs.open(a2.ino, libc::O_RDONLY).await.unwrap().fh;
         assert_eq!(&fs.read(fh2, 0, 100).await.unwrap()[..], b"other");
         let v1b = fs.lookup(v.ino, OsStr::new("1")).await.unwrap().attr;
         assert_ne!(v1b.ino, v1.ino, ".versions/1 is another directory now");
         let a1 = fs.lookup(v1b.ino, OsStr::new("a.txt")).await.unwrap().attr;
-        assert_eq!(a1.ino, a2.ino);
-        assert!(matches!(fs.getattr(a.ino).await, Err(FsError::Stale)));
+        assert_eq!(a1.size, 5);
         assert!(matches!(
             fs.lookup(v1.ino, OsStr::new("a.txt")).await,
             Err(FsError::Stale)

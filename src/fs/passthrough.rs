@@ -91,6 +91,31 @@ impl Passthrough {
         refused
     }
 
+    /// Answers the open of `ino` for writing as handle `fh`, through the mount. Refused
+    /// (`ETXTBSY`, returns false) while the kernel reads the inode from a backing file: writes
+    /// would bypass the mount.
+    pub fn open_for_writing(&self, ino: u64, fh: u64, reply: ReplyOpen) -> bool {
+        if !self.note_writing(ino) {
+            reply.error(fuser::Errno::from_i32(libc::ETXTBSY));
+            return false;
+        }
+        reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+        true
+    }
+
+    /// Counts a handle of `ino` that writes through the mount, unless the kernel reads `ino`
+    /// from a backing file (then returns false).
+    pub fn note_writing(&self, ino: u64) -> bool {
+        let mut inodes = lock(&self.inodes);
+        match inodes.entry(ino).or_insert(Io::Mount(0)) {
+            Io::Backing(..) => false,
+            Io::Mount(n) => {
+                *n += 1;
+                true
+            }
+        }
+    }
+
     /// A whole-file copy of `ino`'s file is complete: whether to drop its page cache now (no
     /// handle open); else that happens when its last handle is released.
     pub fn copied(&self, ino: u64) -> bool {
