@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what the podfs tests and benchmarks need, idempotently:
-#   apt: fuse3 (fusermount3), docker-registry (CNCF distribution 2.8), skopeo, apache2-utils (htpasswd), rsync,
+#   apt: fuse3 (fusermount3), docker-registry (CNCF distribution 2.8), skopeo, apache2-utils (htpasswd), rsync, git,
 #        time (GNU time: peak RSS in tests and benchmarks)
 #   pip: moto[server] >= 5.2.5 (S3), oras (oras-py), boto3, awscli
 # Safe to run again: each step checks first and installs only what is missing.
@@ -13,6 +13,7 @@ command -v skopeo >/dev/null 2>&1 || need_apt+=(skopeo)
 command -v htpasswd >/dev/null 2>&1 || need_apt+=(apache2-utils)
 [ -x /usr/bin/time ] || need_apt+=(time)
 command -v rsync >/dev/null 2>&1 || need_apt+=(rsync)
+command -v git >/dev/null 2>&1 || need_apt+=(git)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: apt-get install ${need_apt[*]}"
   SUDO=""

@@ -597,9 +597,12 @@ pub async fn mount(ctx: &Context, args: MountArgs) -> Result<()> {
         save_delay: args.save_delay,
         creator: config::creator(),
     };
+    // Transfers stop when the daemon is done, not at SIGTERM: pending changes are saved after
+    // the unmount.
+    let transfers = CancellationToken::new();
     let source = MountRemotes {
         volume: ctx.volume.clone(),
-        shutdown: ctx.shutdown.clone(),
+        shutdown: transfers.clone(),
         only: args.remote.clone(),
         metrics: metrics.clone(),
     };
@@ -641,14 +644,11 @@ pub async fn mount(ctx: &Context, args: MountArgs) -> Result<()> {
         ));
     }
     let fs_at_end = Arc::clone(&fs_handle);
-    mounted.serve(ctx.shutdown.clone()).await?;
-    if fs_at_end.has_pending() {
-        tracing::info!("unmounted: saving the pending changes");
-        if fs_at_end.save_all().await {
-            tracing::info!("pending changes saved");
-        }
-    }
+    let served = mounted.serve(ctx.shutdown.clone()).await;
+    fs_at_end.save_all().await;
     fs_at_end.stop_saving();
+    transfers.cancel();
+    served?;
     // Blocks fetched last are on their way to the disk cache: keep them for the next mount.
     cache.flush().await;
     Ok(())
@@ -800,7 +800,54 @@ pub fn mount_in_background(ctx: &Context, args: &MountArgs) -> Result<()> {
 }
 
 /// `podfs unmount`: unmounts a podfs mount (lazily if its daemon is gone).
+/// `podfs unmount`: saves the changes staged in the mount first (an `fsync` of its root, which
+/// commits every pod with changes), then unmounts. If they cannot be saved, they stay staged and
+/// the next mount saves them; the unmount goes ahead.
 pub fn unmount(point: &Path) -> Result<()> {
+    let staged = pods_with_staged_changes();
+    if !staged.is_empty() {
+        eprintln!(
+            "Saving the changes staged for {} before unmounting…",
+            staged.join(", ")
+        );
+    }
+    // A dead mount (ENOTCONN) or a path that is not a mount fails here: unmount says why.
+    if let Ok(root) = std::fs::File::open(point) {
+        match root.sync_all() {
+            Ok(()) if !staged.is_empty() => eprintln!("Saved."),
+            Ok(()) => {}
+            Err(e) => eprintln!(
+                "warning: the staged changes could not be saved ({e}; the mount's log says why): \
+                 they stay staged and the next `podfs mount` saves them"
+            ),
+        }
+    }
     crate::fs::mountpoint::unmount(point)?;
     Ok(())
+}
+
+/// `REMOTE/POD` of every pod with changes staged by a mount of this volume dir.
+fn pods_with_staged_changes() -> Vec<String> {
+    let Ok(volume) = VolumeDir::from_env() else {
+        return Vec::new();
+    };
+    let root = volume.staging_dir().join("mount");
+    let mut out = Vec::new();
+    for remote in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+        for pod in std::fs::read_dir(remote.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if pod.path().join("journal").is_file() {
+                out.push(format!(
+                    "{}/{}",
+                    remote.file_name().to_string_lossy(),
+                    pod.file_name().to_string_lossy()
+                ));
+            }
+        }
+    }
+    out.sort();
+    out
 }

@@ -129,7 +129,12 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_env("PODFS_LOG")
                 // aws-config logs each failed credential provider with a debug dump at `warn`;
                 // the S3 backend reports the outcome itself, in one line.
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,aws_config=error")),
+                // A mount's log says what it saved.
+                .unwrap_or_else(|_| {
+                    tracing_subscriber::EnvFilter::new(
+                        "warn,aws_config=error,podfs::fs::saver=info,podfs::fs::workspace=info",
+                    )
+                }),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

@@ -61,9 +61,20 @@ impl PodFs {
     /// Saves every pod with staged changes once; says for each what happened. Returns whether
     /// every one was saved.
     pub async fn save_all(&self) -> bool {
-        let all: Vec<Arc<Workspace>> = lock(&self.workspaces).values().cloned().collect();
+        let all: Vec<Arc<Workspace>> = lock(&self.workspaces)
+            .values()
+            .filter(|ws| ws.dirty())
+            .cloned()
+            .collect();
+        if all.is_empty() {
+            return true;
+        }
+        tracing::info!(
+            "saving the pending changes of {} pods before exiting",
+            all.len()
+        );
         let mut ok = true;
-        for ws in all.into_iter().filter(|ws| ws.dirty()) {
+        for ws in all {
             if let Err(e) = self.save_pod(&ws, false).await {
                 ok = false;
                 tracing::error!(

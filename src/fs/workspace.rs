@@ -101,6 +101,13 @@ fn staging_err(e: StagingError) -> FsError {
     }
 }
 
+/// The mtime of `file` (what a recovery finds), or now.
+fn mtime_of(file: &File) -> (i64, u32) {
+    file.metadata()
+        .and_then(|m| m.modified())
+        .map_or_else(|_| now_parts(), split_time)
+}
+
 fn now_parts() -> (i64, u32) {
     match SystemTime::now().duration_since(SystemTime::UNIX_EPOCH) {
         Ok(d) => (
@@ -424,6 +431,7 @@ impl Workspace {
         }
         if kind == Kind::File {
             let (id, file) = self.new_data(&mut g)?;
+            (item.entry.mtime, item.entry.mtime_nsec) = mtime_of(&file);
             g.files.insert(id, Arc::new(file));
             item.staged = Some(id);
         }
@@ -576,8 +584,7 @@ impl Workspace {
             })?;
             *g.writes.entry(id).or_default() += 1;
             item.entry.size = size;
-            let (s, n) = now_parts();
-            (item.entry.mtime, item.entry.mtime_nsec) = (s, n);
+            (item.entry.mtime, item.entry.mtime_nsec) = mtime_of(&file);
         }
         if let Some(mode) = mode {
             item.entry.mode = mode & 0o7777;
@@ -623,9 +630,11 @@ impl Workspace {
         }
         if item.staged.is_some() || item.entry.data.is_none() || truncate {
             let (id, file) = self.new_data(&mut g)?;
+            let mtime = mtime_of(&file);
             g.files.insert(id, Arc::new(file));
             let old = item.staged;
             let mut now = item;
+            (now.entry.mtime, now.entry.mtime_nsec) = mtime;
             now.staged = Some(id);
             now.entry.data = None;
             now.entry.size = 0;
@@ -655,6 +664,9 @@ impl Workspace {
             drop_data(&mut g, id);
             return Ok(());
         }
+        // The bytes are the committed ones, and so is their mtime (as a recovery will find it).
+        let t = to_file_time(item_mtime(&now));
+        let _ = filetime::set_file_handle_times(&file, None, Some(t));
         g.files.insert(id, Arc::new(file));
         let mut item = now;
         item.staged = Some(id);
@@ -721,8 +733,8 @@ impl Workspace {
         }
         let end = offset + data.len() as u64;
         item.entry.size = item.entry.size.max(end);
-        let (s, n) = now_parts();
-        (item.entry.mtime, item.entry.mtime_nsec) = (s, n);
+        // As a recovery will find it.
+        (item.entry.mtime, item.entry.mtime_nsec) = mtime_of(&file);
         // Not journaled: the data file holds size and mtime (settle_recovered).
         match g.objs.get(&obj).and_then(|o| o.path.clone()) {
             Some(_) => g.overlay.apply(&Op::Put(item.clone())),
@@ -1024,6 +1036,14 @@ fn within(path: &str, dir: &str) -> bool {
 /// The directory `path` is in (`""`: the root).
 pub fn parent_of(path: &str) -> &str {
     path.rsplit_once('/').map_or("", |(d, _)| d)
+}
+
+fn item_mtime(item: &Item) -> (i64, u32) {
+    (item.entry.mtime, item.entry.mtime_nsec)
+}
+
+fn to_file_time((s, n): (i64, u32)) -> filetime::FileTime {
+    filetime::FileTime::from_unix_time(s, n)
 }
 
 fn split_time(t: SystemTime) -> (i64, u32) {

@@ -127,11 +127,13 @@ impl PodFs {
             }
             _ => None,
         };
-        let ws = Workspace::open(r, pod.clone(), dir, base, recovered_base)?;
+        // Opened under the map's lock: two first lookups must not both open (and lock) the
+        // staging dir.
         let mut all = lock(&self.workspaces);
         if let Some(other) = all.get(&(r, pod.clone())) {
             return Ok(Arc::clone(other));
         }
+        let ws = Workspace::open(r, pod.clone(), dir, base, recovered_base)?;
         all.insert((r, pod.clone()), Arc::clone(&ws));
         drop(all);
         self.saver_for(&ws);
@@ -500,12 +502,14 @@ impl PodFs {
                 return Err(FsError::Exists);
             }
             let dir = self.staging_dir_of(r, &pod);
-            let ws = Workspace::open(r, pod.clone(), dir, None, None)?;
-            ws.start()?;
             let ws = {
                 let mut all = lock(&self.workspaces);
-                let ws = Arc::clone(all.entry((r, pod.clone())).or_insert(ws));
-                drop(all);
+                if all.contains_key(&(r, pod.clone())) {
+                    return Err(FsError::Exists);
+                }
+                let ws = Workspace::open(r, pod.clone(), dir, None, None)?;
+                ws.start()?;
+                all.insert((r, pod.clone()), Arc::clone(&ws));
                 ws
             };
             self.saver_for(&ws);
