@@ -2,10 +2,11 @@
 //! inode table, the cached listings and manifests, and the open handles; `fuse.rs` is the thin
 //! adapter that hands each kernel request to it on the tokio runtime.
 //!
-//! Layout (read-only for now):
+//! Layout:
 //!
 //! ```text
-//! ROOT/REMOTE/POD/               the latest version's tree
+//! ROOT/REMOTE/POD/               the working tree: the latest version and the changes staged
+//!                                on it (src/fs/write.rs, workspace.rs, saver.rs)
 //! ROOT/REMOTE/POD/.versions/     not listed by readdir, but resolves by name
 //! ROOT/REMOTE/POD/.versions/N/   the tree of version N
 //! ROOT/REMOTE/POD/.versions/latest -> N
@@ -14,9 +15,11 @@
 //! Guarantees:
 //! - Metadata comes from manifests only: no file data is fetched for `lookup`, `getattr`,
 //!   `readdir` or `readlink`; the root, remote, pod and version directories need no manifest.
-//! - An inode below a pod stands for one path of one version of one *generation* of the pod,
-//!   so its attributes and bytes never change: `POD/x` resolves to the inode of `x` in the
-//!   latest version at lookup time, and a handle keeps reading the version it was opened on.
+//! - An inode below `.versions/N/` stands for one path of one version of one *generation* of the
+//!   pod, so its attributes and bytes never change.
+//! - An inode below `POD/` stands for an object of the working tree: it keeps its number through
+//!   renames and writes made here; a file another writer's save changed is a new object (as if
+//!   replaced by a rename), so a handle keeps reading what it opened.
 //! - A pod's versions are listed at most once per [`FsConfig::refresh`]; each listing also
 //!   checks that a version this mount read is still the same object ([`Remote::version_id`]).
 //!   If not, the pod was deleted and saved again: it becomes a new generation (new inodes, its
@@ -560,9 +563,10 @@ impl PodFs {
                 let nlink = self.remotes.live().len() + 2;
                 Ok(self.dir_attr(ino, 0o555, nlink, started, refresh))
             }
+            // Writable: `mkdir REMOTE/NEW` starts a pod.
             Node::Remote(r) => {
                 self.remote(*r)?;
-                Ok(self.dir_attr(ino, 0o555, 1, started, refresh))
+                Ok(self.dir_attr(ino, 0o755, 1, started, refresh))
             }
             Node::Versions(..) => Ok(self.dir_attr(ino, 0o555, 1, started, refresh)),
             Node::Pod(..) => Ok(self.dir_attr(ino, 0o755, 1, started, refresh)),
