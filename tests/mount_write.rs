@@ -1432,3 +1432,177 @@ fn append_truncate_and_statfs_work_as_on_a_local_disk() {
     let v2 = loaded(&b, &format!("{pod}:2"));
     assert_same_tree(&root, v2.path());
 }
+
+/// As root only (it mounts a tmpfs); a non-root run outside CI says so and checks nothing, and
+/// under `CI=true` it fails.
+fn root_or_skip(test: &str) -> bool {
+    // SAFETY: geteuid cannot fail and touches no memory.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "{test} needs root (it mounts a small tmpfs)"
+    );
+    eprintln!("{test}: skipped, it needs root (it mounts a small tmpfs)");
+    false
+}
+
+/// A tmpfs of `size` mounted on `dir`, unmounted when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount a tmpfs on {}", dir.display());
+        Self(dir.to_owned())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// The staging dir on a full disk: the write that does not fit gets `ENOSPC`; what was staged
+/// before stays readable and is saved, exactly.
+#[test]
+fn a_full_staging_disk_is_enospc_and_loses_nothing_staged_before() {
+    if !root_or_skip("a_full_staging_disk_is_enospc_and_loses_nothing_staged_before") {
+        return;
+    }
+    let b = Backend::default_remote("full_staging_disk");
+    let pod = b.pod();
+    let src = tempfile::tempdir().unwrap();
+    make_tree(src.path(), 0);
+    b.save(&pod, src.path(), &[]);
+    let _small = Tmpfs::mount(&b.podfs.home.path().join("staging"), "4m");
+    let m = Mounted::new(&b.podfs, &["--save-delay", "1h"]);
+    let root = m.pod(b.remote(), &pod);
+    let kept = noise(100_000, 7);
+    std::fs::write(root.join("kept.bin"), &kept).unwrap();
+    std::fs::write(root.join("hello.txt"), "changed before the disk filled\n").unwrap();
+
+    let mut filler = std::fs::File::create(root.join("filler")).unwrap();
+    let chunk = vec![0u8; 64 << 10];
+    let mut written = 0u64;
+    let full = loop {
+        match filler.write_all(&chunk) {
+            Ok(()) => written += chunk.len() as u64,
+            Err(e) => break e,
+        }
+        assert!(written < 64 << 20, "4 MiB of staging took 64 MiB");
+    };
+    assert_eq!(full.raw_os_error(), Some(libc::ENOSPC), "{full}");
+    drop(filler);
+    assert!(std::fs::read(root.join("kept.bin")).unwrap() == kept);
+    assert_eq!(
+        std::fs::read_to_string(root.join("hello.txt")).unwrap(),
+        "changed before the disk filled\n"
+    );
+
+    std::fs::remove_file(root.join("filler")).unwrap();
+    fsync(&root).unwrap();
+    assert_eq!(b.versions(&pod), [1, 2]);
+    let v2 = loaded(&b, &format!("{pod}:2"));
+    assert!(std::fs::read(v2.path().join("kept.bin")).unwrap() == kept);
+    assert!(!v2.path().join("filler").exists());
+    assert_same_tree(&root, v2.path());
+}
+
+/// Saves (on `fsync`) while one writer appends records of 64 KiB, one `write` each: every
+/// version holds a whole number of records, each exactly as written, and the last holds them
+/// all. A version never holds half of a write.
+#[test]
+fn writes_during_saves_land_whole_in_one_version_or_the_next() {
+    const RECORD: usize = 64 << 10;
+    const RECORDS: usize = 600;
+    let record = |i: usize| {
+        let mut r = vec![(i % 251) as u8; RECORD];
+        r[..8].copy_from_slice(&(i as u64).to_le_bytes());
+        r
+    };
+    let b = Backend::default_remote("writes_during_saves");
+    let pod = b.pod();
+    let m = Mounted::new(&b.podfs, &["--save-delay", "1h"]);
+    let root = m.pod(b.remote(), &pod);
+    std::fs::create_dir(&root).unwrap();
+    let log = root.join("log");
+    let mut f = std::fs::File::create(&log).unwrap();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let saver = {
+        let (root, done) = (root.clone(), std::sync::Arc::clone(&done));
+        std::thread::spawn(move || {
+            let mut saves = 0;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                fsync(&root).unwrap();
+                saves += 1;
+            }
+            saves
+        })
+    };
+    for i in 0..RECORDS {
+        f.write_all(&record(i)).unwrap();
+    }
+    drop(f);
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let saves = saver.join().unwrap();
+    fsync(&root).unwrap();
+    let versions = b.versions(&pod);
+    assert!(
+        saves > 1 && versions.len() > 1,
+        "{saves} fsyncs, versions {versions:?}"
+    );
+    for v in &versions {
+        let dir = loaded(&b, &format!("{pod}:{v}"));
+        let bytes = std::fs::read(dir.path().join("log")).unwrap_or_default();
+        assert_eq!(
+            bytes.len() % RECORD,
+            0,
+            "version {v}: {} bytes",
+            bytes.len()
+        );
+        for (i, r) in bytes.chunks(RECORD).enumerate() {
+            assert!(r == record(i), "version {v}: record {i} differs");
+        }
+    }
+    let last = loaded(&b, &pod);
+    assert_eq!(
+        std::fs::metadata(last.path().join("log")).unwrap().len(),
+        (RECORD * RECORDS) as u64
+    );
+}
+
+/// A file unlinked while open stays readable and writable through its handle, and no version
+/// holds it.
+#[test]
+fn an_unlinked_open_file_lives_on_through_its_handle_and_is_not_saved() {
+    use std::io::Read;
+    let (b, _src, m) = mounted_pod("unlinked_open_file", &["--save-delay", "1h"]);
+    let pod = b.pod();
+    let root = m.pod(b.remote(), &pod);
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(root.join("hello.txt"))
+        .unwrap();
+    std::fs::remove_file(root.join("hello.txt")).unwrap();
+    assert!(!root.join("hello.txt").exists());
+    f.write_all_at(b"HELLO", 0).unwrap();
+    let mut text = String::new();
+    f.seek(std::io::SeekFrom::Start(0)).unwrap();
+    f.read_to_string(&mut text).unwrap();
+    assert_eq!(text, "HELLO, pods\n");
+    fsync(&root).unwrap();
+    drop(f);
+    assert_eq!(b.versions(&pod), [1, 2]);
+    let v2 = loaded(&b, &format!("{pod}:2"));
+    assert!(!v2.path().join("hello.txt").exists());
+    assert_same_tree(&root, v2.path());
+}
