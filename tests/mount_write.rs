@@ -47,7 +47,7 @@ use filetime::FileTime;
 
 use support::backend::Backend;
 use support::moto::{KEY_ID, Moto, SECRET};
-use support::mount::{Mounted, is_mounted, wait_until};
+use support::mount::{Mounted, is_mounted, sample, scrape, wait_until};
 use support::{MIB, Node, Podfs, assert_same_tree, copy_tree, make_tree, noise, require, snapshot};
 
 /// How long a save the test waits for may take (far more than it needs: it only says "did not
@@ -1605,4 +1605,43 @@ fn an_unlinked_open_file_lives_on_through_its_handle_and_is_not_saved() {
     let v2 = loaded(&b, &format!("{pod}:2"));
     assert!(!v2.path().join("hello.txt").exists());
     assert_same_tree(&root, v2.path());
+}
+
+/// A file written through the mount becomes, once saved, its own whole-file copy in the disk
+/// cache: after a remount it is read from there, with no fetch from the remote.
+#[test]
+fn a_file_saved_by_the_mount_is_read_back_from_its_own_copy_without_a_fetch() {
+    let b = Backend::default_remote("saved_file_copy");
+    let pod = b.pod();
+    let data = noise(3 * MIB, 5);
+    {
+        let m = Mounted::new(&b.podfs, &["--save-delay", "1h"]);
+        let root = m.pod(b.remote(), &pod);
+        std::fs::create_dir(&root).unwrap();
+        std::fs::write(root.join("big"), &data).unwrap();
+        fsync(&root).unwrap();
+        assert_eq!(b.versions(&pod), [1]);
+    }
+    let staging = b
+        .podfs
+        .home
+        .path()
+        .join("staging/mount")
+        .join(b.remote())
+        .join(&pod);
+    assert!(
+        !staging.exists(),
+        "nothing left staged: {}",
+        staging.display()
+    );
+    let addr = format!("127.0.0.1:{}", support::free_port());
+    let m = Mounted::new(&b.podfs, &["--metrics", &addr]);
+    assert!(std::fs::read(m.pod(b.remote(), &pod).join("big")).unwrap() == data);
+    let metrics = scrape(&addr);
+    assert_eq!(
+        sample(&metrics, "podfs_cache_fetches_total", ""),
+        0.0,
+        "{metrics}"
+    );
+    assert!(sample(&metrics, "podfs_cache_copy_hits_total", "") >= 1.0);
 }

@@ -251,6 +251,43 @@ impl BlockCache {
 }
 
 impl BlockCache {
+    /// Takes the local file at `path`, which holds exactly the bytes `key` names (a file a mount
+    /// wrote and has just saved), as their whole-file copy: moved into the disk tier (a rename:
+    /// only on the same file system) and trusted, as a copy this process wrote. `false` (the
+    /// file is left where it is) without a disk tier, for a file over a quarter of it, or if
+    /// it cannot be moved.
+    pub async fn adopt_copy(&self, key: &BlockKey, path: std::path::PathBuf) -> bool {
+        let Some(disk) = self.enabled_disk().map(Arc::clone) else {
+            return false;
+        };
+        if !key.cacheable() || key.len > self.config().disk_bytes / 4 {
+            return false;
+        }
+        let (k, copies, counters) = (
+            key.clone(),
+            Arc::clone(&self.copies),
+            Arc::clone(&self.counters),
+        );
+        tokio::task::spawn_blocking(move || {
+            let dest = disk.copy_path(&k);
+            let moved = fs::metadata(&path)
+                .ok()
+                .filter(|m| m.len() == k.len)
+                .and_then(|_| fs::create_dir_all(dest.parent()?).ok())
+                .and_then(|()| fs::rename(&path, &dest).ok());
+            if moved.is_none() {
+                return false;
+            }
+            // Recency, for eviction.
+            let _ = filetime::set_file_mtime(&dest, filetime::FileTime::now());
+            lock(&copies.verified).insert(k.clone());
+            disk.added(k.len, &counters);
+            true
+        })
+        .await
+        .unwrap_or(false)
+    }
+
     /// Bytes `range` of an open whole-file copy (`None` if it cannot be read: a read error is
     /// a miss). The caller checks them, and calls [`BlockCache::discard_copy`] if they fail.
     pub async fn read_copy(&self, copy: &Arc<File>, range: Range<u64>) -> Option<Bytes> {

@@ -166,8 +166,9 @@ impl PodFs {
         };
         let obj = Arc::new(obj);
         let version = obj.info.version;
-        ws.committed(&snap, Arc::clone(&obj))?;
+        let kept = ws.committed(&snap, Arc::clone(&obj))?;
         drop(snap);
+        self.keep_as_copies(ws, &remote, &obj, kept).await;
         self.note_committed(ws.remote, &ws.pod, obj);
         let remote_name = self.remote_name(ws.remote).unwrap_or_default();
         match outcome.version {
@@ -189,6 +190,41 @@ impl PodFs {
         }
         ws.tidy();
         Ok(())
+    }
+
+    /// The data files of files just saved become their whole-file copies in the disk cache
+    /// (read again from there, or passed through, instead of fetched); the others go.
+    async fn keep_as_copies(
+        &self,
+        ws: &Workspace,
+        remote: &Arc<dyn crate::remote::Remote>,
+        obj: &crate::pod::manifest::VersionObject,
+        kept: Vec<(String, u64, std::path::PathBuf)>,
+    ) {
+        use crate::pod::manifest::Method;
+        for (path, id, file) in kept {
+            let key = obj.manifest.get(&path).and_then(|e| {
+                let d = e.data.as_ref()?;
+                if d.method != Method::Stored || d.blocks.is_none() {
+                    return None;
+                }
+                let state_id = obj.state_id(d.state)?;
+                crate::cache::BlockKey::new(
+                    remote.name(),
+                    &ws.pod,
+                    Some(state_id),
+                    d.offset,
+                    e.size,
+                )
+            });
+            let adopted = match (&self.reader.cache, key) {
+                (Some(cache), Some(key)) => cache.adopt_copy(&key, file).await,
+                _ => false,
+            };
+            if !adopted {
+                ws.discard_data(id);
+            }
+        }
     }
 
     /// Version `obj` of `pod` was just committed by this mount: it is known without listing.

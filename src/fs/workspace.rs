@@ -433,6 +433,7 @@ impl Workspace {
             let (id, file) = self.new_data(&mut g)?;
             (item.entry.mtime, item.entry.mtime_nsec) = mtime_of(&file);
             g.files.insert(id, Arc::new(file));
+            g.writes.insert(id, 0);
             item.staged = Some(id);
         }
         self.change(&mut g, Op::Put(item.clone()))?;
@@ -765,9 +766,10 @@ impl Workspace {
         }
         let delta = g.overlay.delta().clone();
         let ids: Vec<u64> = delta.values().flatten().filter_map(|i| i.staged).collect();
+        // Every id counted from here on: a commit tells a file written since from one not.
         let writes = ids
             .iter()
-            .map(|id| (*id, g.writes.get(id).copied().unwrap_or(0)))
+            .map(|id| (*id, *g.writes.entry(*id).or_insert(0)))
             .collect();
         g.frozen.extend(ids);
         let data_dir = self.dir.join("data");
@@ -799,8 +801,14 @@ impl Workspace {
     }
 
     /// `snap` is committed as `obj`: the new base. What changed since the snapshot stays staged
-    /// (the journal is rewritten to hold just that); data files no longer needed are removed.
-    pub fn committed(&self, snap: &Snapshot, obj: Arc<VersionObject>) -> FsResult<()> {
+    /// (the journal is rewritten to hold just that). Returns the data files no longer needed
+    /// that still hold exactly what was saved under their path (the caller keeps them as cache
+    /// copies, or removes them with [`Workspace::discard_data`]); the others are removed.
+    pub fn committed(
+        &self,
+        snap: &Snapshot,
+        obj: Arc<VersionObject>,
+    ) -> FsResult<Vec<(String, u64, PathBuf)>> {
         let mut g = lock(&self.inner);
         let inner = &mut *g;
         // A file written after the snapshot is not what was saved, even with the same item.
@@ -829,9 +837,23 @@ impl Workspace {
                 .values()
                 .filter_map(|o| o.orphan.as_ref().and_then(|i| i.staged)),
         );
-        for id in snap.writes.keys() {
-            if !used.contains(id) {
-                drop_data(inner, *id);
+        let mut kept = Vec::new();
+        for (path, item) in &snap.delta {
+            let Some(id) = item.as_ref().and_then(|i| i.staged) else {
+                continue;
+            };
+            if used.contains(&id) {
+                continue;
+            }
+            let unchanged =
+                inner.writes.contains_key(&id) && inner.writes.get(&id) == snap.writes.get(&id);
+            match (&inner.staging, unchanged) {
+                (Some(s), true) => {
+                    inner.files.remove(&id);
+                    inner.writes.remove(&id);
+                    kept.push((path.clone(), id, s.data_path(id)));
+                }
+                _ => drop_data(inner, id),
             }
         }
         let base = inner.overlay.base_version();
@@ -853,7 +875,7 @@ impl Workspace {
         }
         drop(g);
         self.saved.send_replace(snap.seq);
-        Ok(())
+        Ok(kept)
     }
 
     /// A save failed: fsyncs waiting for it get EIO.

@@ -437,6 +437,20 @@ impl PodFs {
         }
     }
 
+    /// Writes `data` at `offset` of open file `fh` at once (a write to the page cache of the
+    /// staging disk), unless a save is zipping the file: then `None`, and [`PodFs::write`] waits.
+    pub fn write_now(&self, fh: u64, offset: u64, data: &[u8]) -> Option<FsResult<u32>> {
+        let live = match lock(&self.live).get(&fh) {
+            Some(l) if l.write => Arc::clone(l),
+            _ => return Some(Err(FsError::BadHandle(fh))),
+        };
+        match live.ws.write(live.obj, offset, data) {
+            Ok(Some(_)) => Some(Ok(u32::try_from(data.len()).unwrap_or(u32::MAX))),
+            Ok(None) => None,
+            Err(e) => Some(Err(e)),
+        }
+    }
+
     /// Writes `data` at `offset` of open file `fh`; a write to a file a save is zipping waits
     /// for the zip.
     pub async fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
