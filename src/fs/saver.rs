@@ -148,7 +148,6 @@ impl PodFs {
         let Some(snap) = ws.snapshot(force) else {
             return Ok(());
         };
-        ws.sync(&snap)?;
         let remote = self.remote(ws.remote)?;
         let staging = self.config.staging.clone().unwrap_or_default();
         let params = SaveParams {

@@ -9,8 +9,9 @@
 //!
 //! Crash safety: an operation is appended to the journal (one `write`) before it is answered, and
 //! written bytes are in their data file before the write is answered, so whatever a writer saw
-//! acknowledged is in the page cache when the daemon dies, and on disk after the next commit
-//! (which fsyncs). A journal line cut short by a crash was never acknowledged: replay drops it.
+//! acknowledged is in the page cache of the staging disk when the daemon dies (a power loss can
+//! take what was not yet saved, as on any file system: `fsync` means "committed on the remote"
+//! here). A journal line cut short by a crash was never acknowledged: replay drops it.
 //! After a commit the journal is rewritten (a new file renamed over the old one) to start at the
 //! committed version, with the operations that came in during the save.
 
@@ -183,21 +184,6 @@ impl Staging {
         }
         self.len += line.len() as u64;
         Ok(())
-    }
-
-    /// Makes the journal and every data file durable (before a commit says they are saved).
-    pub fn sync(&self, ids: impl IntoIterator<Item = u64>) -> Result<(), StagingError> {
-        for id in ids {
-            let path = self.data_path(id);
-            match File::open(&path) {
-                Ok(f) => f.sync_data().map_err(io(&path))?,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io(&path)(e)),
-            }
-        }
-        self.journal
-            .sync_data()
-            .map_err(io(&self.dir.join(JOURNAL)))
     }
 
     /// Starts the journal afresh at `base`, keeping the operations appended since byte `from`:

@@ -791,15 +791,6 @@ impl Workspace {
         self.thawed.notify_waiters();
     }
 
-    /// Makes the snapshot's data and the journal durable before its commit.
-    pub fn sync(&self, snap: &Snapshot) -> FsResult<()> {
-        let g = lock(&self.inner);
-        match &g.staging {
-            Some(s) => s.sync(snap.writes.keys().copied()).map_err(staging_err),
-            None => Ok(()),
-        }
-    }
-
     /// `snap` is committed as `obj`: the new base. What changed since the snapshot stays staged
     /// (the journal is rewritten to hold just that). Returns the data files no longer needed
     /// that still hold exactly what was saved under their path (the caller keeps them as cache
