@@ -831,23 +831,8 @@ fn pods_with_staged_changes() -> Vec<String> {
     let Ok(volume) = VolumeDir::from_env() else {
         return Vec::new();
     };
-    let root = volume.staging_dir().join("mount");
-    let mut out = Vec::new();
-    for remote in std::fs::read_dir(&root).into_iter().flatten().flatten() {
-        for pod in std::fs::read_dir(remote.path())
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            if pod.path().join("journal").is_file() {
-                out.push(format!(
-                    "{}/{}",
-                    remote.file_name().to_string_lossy(),
-                    pod.file_name().to_string_lossy()
-                ));
-            }
-        }
-    }
-    out.sort();
-    out
+    crate::fs::staged_pods(&volume.staging_dir())
+        .into_iter()
+        .map(|(remote, pod)| format!("{remote}/{pod}"))
+        .collect()
 }

@@ -3,6 +3,7 @@
 //! built-in remote alone: SIGKILL leaves ENOTCONN until `podfs unmount`, SIGTERM unmounts, the
 //! background mode, and the mount point errors.
 
+#[macro_use]
 mod support;
 
 use std::io::{Read, Seek};
@@ -13,32 +14,6 @@ use std::time::Duration;
 use support::backend::Backend;
 use support::mount::{Mounted, is_mounted, sample, scrape, wait_until};
 use support::{MIB, Podfs, assert_same_tree, copy_tree, make_tree, noise};
-
-/// One `#[test]` per backend for each scenario: `SCENARIO::default_remote`, `::file_remote`,
-/// `::s3_on_moto`, `::oras_on_registry`.
-macro_rules! on_every_backend {
-    ($($scenario:ident),+ $(,)?) => {$(
-        mod $scenario {
-            use super::support::backend::Backend;
-            #[test]
-            fn default_remote() {
-                super::$scenario(&Backend::default_remote(stringify!($scenario)));
-            }
-            #[test]
-            fn file_remote() {
-                super::$scenario(&Backend::file(stringify!($scenario)));
-            }
-            #[test]
-            fn s3_on_moto() {
-                super::$scenario(&Backend::moto(stringify!($scenario)));
-            }
-            #[test]
-            fn oras_on_registry() {
-                super::$scenario(&Backend::registry(stringify!($scenario)));
-            }
-        }
-    )+};
-}
 
 on_every_backend!(
     every_version_reads_back_exactly,

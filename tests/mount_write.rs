@@ -32,6 +32,7 @@
 //! saved once quiet (so any save of the first pod that was pending was due before it), and an
 //! `fsync` of the pod's directory saves anything still staged.
 
+#[macro_use]
 mod support;
 
 use std::collections::BTreeMap;
@@ -53,32 +54,6 @@ use support::{MIB, Node, Podfs, assert_same_tree, copy_tree, make_tree, noise, r
 /// How long a save the test waits for may take (far more than it needs: it only says "did not
 /// hang").
 const SAVED: Duration = Duration::from_secs(120);
-
-/// One `#[test]` per backend for each scenario: `SCENARIO::default_remote`, `::file_remote`,
-/// `::s3_on_moto`, `::oras_on_registry`.
-macro_rules! on_every_backend {
-    ($($scenario:ident),+ $(,)?) => {$(
-        mod $scenario {
-            use super::support::backend::Backend;
-            #[test]
-            fn default_remote() {
-                super::$scenario(&Backend::default_remote(stringify!($scenario)));
-            }
-            #[test]
-            fn file_remote() {
-                super::$scenario(&Backend::file(stringify!($scenario)));
-            }
-            #[test]
-            fn s3_on_moto() {
-                super::$scenario(&Backend::moto(stringify!($scenario)));
-            }
-            #[test]
-            fn oras_on_registry() {
-                super::$scenario(&Backend::registry(stringify!($scenario)));
-            }
-        }
-    )+};
-}
 
 on_every_backend!(
     fsync_returns_once_the_version_is_on_the_remote,

@@ -64,6 +64,7 @@ use passthrough::Passthrough;
 use read::{OpenFile, Reader};
 pub use remotes::RemoteSource;
 use remotes::RemoteTable;
+pub use staging::staged_pods;
 
 /// Name of the hidden directory of every version of a pod.
 pub const VERSIONS_DIR: &str = ".versions";

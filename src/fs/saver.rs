@@ -93,31 +93,17 @@ impl PodFs {
     /// was killed, or a save failed at unmount), so that their savers save them. A remote that
     /// cannot be reached is tried again every 10 s.
     pub async fn recover(self: Arc<Self>) {
-        let Some(root) = self.config.staging.as_ref().map(|s| s.join("mount")) else {
+        let Some(staging) = self.config.staging.clone() else {
             return;
         };
-        let mut left: Vec<(String, String)> = Vec::new();
-        for remote in std::fs::read_dir(&root).into_iter().flatten().flatten() {
-            for pod in std::fs::read_dir(remote.path())
-                .into_iter()
-                .flatten()
-                .flatten()
-            {
-                if pod.path().join("journal").exists() {
-                    left.push((
-                        remote.file_name().to_string_lossy().into_owned(),
-                        pod.file_name().to_string_lossy().into_owned(),
-                    ));
-                }
-            }
-        }
+        let mut left = super::staging::staged_pods(&staging);
         while !left.is_empty() {
             let mut again = Vec::new();
             for (remote, pod) in left {
                 let Some(r) = self.remotes.find(&remote) else {
                     tracing::warn!(
                         "changes staged for pod {pod} of remote {remote} wait in {}: the remote is not mounted",
-                        root.join(&remote).join(&pod).display()
+                        super::staging::pod_dir(&staging, &remote, &pod).display()
                     );
                     continue;
                 };

@@ -244,6 +244,30 @@ impl Staging {
     }
 }
 
+/// Where a mount stages the changes to `pod` of remote `remote`, below the volume's staging dir.
+pub fn pod_dir(staging: &Path, remote: &str, pod: &str) -> PathBuf {
+    staging.join("mount").join(remote).join(pod)
+}
+
+/// `(remote, pod)` of every pod with a journal below the volume's staging dir `staging`
+/// (changes a mount staged and has not saved yet), sorted.
+pub fn staged_pods(staging: &Path) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let dirs = |p: &Path| std::fs::read_dir(p).into_iter().flatten().flatten();
+    for remote in dirs(&staging.join("mount")) {
+        for pod in dirs(&remote.path()) {
+            if pod.path().join(JOURNAL).is_file() {
+                out.push((
+                    remote.file_name().to_string_lossy().into_owned(),
+                    pod.file_name().to_string_lossy().into_owned(),
+                ));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
 /// The version the journal in `dir` starts from, if there is a journal (`Some(None)`: a new
 /// pod's).
 pub fn journal_base(dir: &Path) -> Option<Option<u64>> {

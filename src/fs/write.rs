@@ -85,7 +85,7 @@ impl PodFs {
     /// `staging/mount/REMOTE/POD` of the volume dir.
     fn staging_dir_of(&self, r: usize, pod: &PodName) -> PathBuf {
         match (&self.config.staging, self.remote_name(r)) {
-            (Some(root), Ok(remote)) => root.join("mount").join(remote).join(pod.as_str()),
+            (Some(root), Ok(remote)) => super::staging::pod_dir(root, &remote, pod.as_str()),
             _ => PathBuf::new(),
         }
     }

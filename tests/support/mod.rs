@@ -4,6 +4,33 @@
 //! wraps each kind of remote in one fixture so a scenario is written once.
 #![allow(dead_code)]
 
+/// One `#[test]` per backend for each scenario: `SCENARIO::default_remote`, `::file_remote`,
+/// `::s3_on_moto`, `::oras_on_registry`.
+#[allow(unused_macros)] // used by the test files that `#[macro_use]` this module
+macro_rules! on_every_backend {
+    ($($scenario:ident),+ $(,)?) => {$(
+        mod $scenario {
+            use super::support::backend::Backend;
+            #[test]
+            fn default_remote() {
+                super::$scenario(&Backend::default_remote(stringify!($scenario)));
+            }
+            #[test]
+            fn file_remote() {
+                super::$scenario(&Backend::file(stringify!($scenario)));
+            }
+            #[test]
+            fn s3_on_moto() {
+                super::$scenario(&Backend::moto(stringify!($scenario)));
+            }
+            #[test]
+            fn oras_on_registry() {
+                super::$scenario(&Backend::registry(stringify!($scenario)));
+            }
+        }
+    )+};
+}
+
 pub mod backend;
 pub mod moto;
 pub mod mount;
