@@ -1093,12 +1093,38 @@ fn a_save_while_the_s3_server_is_down_is_eio_and_commits_once_it_is_back() {
         "written during the outage\n"
     );
 
+    // `podfs unmount` while the server is still down: the save fails, it says the changes stay
+    // staged, and unmounts.
+    let out = podfs.run(&["unmount", m.point.to_str().unwrap()]);
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("stay staged"), "{said}");
+    assert!(!is_mounted(&m.point));
+    let staged = podfs.home.path().join("staging/mount/s3-remote").join(POD);
+    assert!(
+        staged.join("journal").is_file(),
+        "kept: {}",
+        staged.display()
+    );
+    drop(m);
+
+    // The server back, the next mount saves them on its own.
     drop(frozen);
+    let m = Mounted::new(&podfs, &["--save-delay", "200ms"]);
+    let root = m.pod("s3-remote", POD);
+    assert_eq!(
+        std::fs::read_to_string(root.join("during.txt")).unwrap(),
+        "written during the outage\n"
+    );
     // Right after, calls may still fail at once (podfs::remote::failfast::HOLD).
     wait_until(
-        "an fsync to succeed with the server back",
+        "the next mount to save the staged changes",
         podfs::remote::failfast::HOLD + SAVED,
-        || fsync(&root).is_ok(),
+        || {
+            let out = podfs.run(&["versions", POD, "s3-remote", "--json"]);
+            let v: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            v.len() >= 2
+        },
     );
     let out = podfs.ok(&["versions", POD, "s3-remote", "--json"]);
     let versions: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
@@ -1117,6 +1143,30 @@ fn a_save_while_the_s3_server_is_down_is_eio_and_commits_once_it_is_back() {
     ]);
     assert_diff_clean(&expected, v2.path());
     assert_same_tree(v2.path(), &root);
+}
+
+/// `rm -rf POD/*` saves an empty version; the pod's own directory stays.
+#[test]
+fn removing_everything_in_a_pod_saves_an_empty_version() {
+    let (b, _src, m) = mounted_pod("remove_everything", &["--save-delay", "1h"]);
+    let pod = b.pod();
+    let root = m.pod(b.remote(), &pod);
+    let st = Command::new("sh")
+        .arg("-c")
+        .arg(format!("rm -rf '{}'/*", root.display()))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert_eq!(std::fs::read_dir(&root).unwrap().count(), 0);
+    fsync(&root).unwrap();
+    assert_eq!(b.versions(&pod), [1, 2]);
+    let v2 = &b.versions_json(&pod)[1];
+    assert_eq!(v2["file_count"].as_u64(), Some(0), "{v2}");
+    assert_eq!(
+        std::fs::read_dir(loaded(&b, &pod).path()).unwrap().count(),
+        0
+    );
+    assert!(root.is_dir());
 }
 
 // --- Errors and edge cases (the built-in remote). ---

@@ -30,6 +30,9 @@ use super::write::SetAttr;
 use super::{Attr, FileKind, Forget, PodFs, mountpoint};
 use crate::metrics::Metrics;
 
+/// `st_blksize` of every file: the kernel sends up to 1 MiB per read or write request.
+const BLKSIZE: u32 = 1 << 20;
+
 /// Background requests the kernel may have outstanding (its default is 12 to 16).
 const MAX_BACKGROUND: u16 = 128;
 
@@ -76,7 +79,9 @@ fn file_attr(a: &Attr) -> FileAttr {
         uid: a.uid,
         gid: a.gid,
         rdev: 0,
-        blksize: 4096,
+        // The I/O size programs use (cp, cat, rsync: `st_blksize`): 1 MiB requests cost the
+        // mount a quarter of what 128 KiB ones do, for the same bytes.
+        blksize: BLKSIZE,
         flags: 0,
     }
 }

@@ -93,11 +93,13 @@ pub fn write_state_zip(
     }
     let mut out = zip.finish().map_err(zip_err)?;
     io::Write::flush(&mut out).map_err(PodError::io(dest))?;
-    let file = out
-        .into_inner()
-        .map_err(|e| PodError::io(dest)(e.into_error()))?;
-    file.sync_all().map_err(PodError::io(dest))?;
-    drop(file);
+    // Not synced: a backend that keeps this very file (the file remote links it) syncs it
+    // itself; the others upload it from the page cache, and a sync here would first write it
+    // all to disk (seconds per GiB).
+    drop(
+        out.into_inner()
+            .map_err(|e| PodError::io(dest)(e.into_error()))?,
+    );
     read_back(dest, inputs, sums)
 }
 
