@@ -142,6 +142,45 @@ fn a_state_object_above_the_part_size_goes_up_in_parts() {
     p.assert_loads("in-parts", "r", dst.path(), src.path());
 }
 
+/// A large state object goes up while it is written: its parts are uploaded as the zip grows
+/// (the header of an entry being written goes last), and it loads back whole.
+#[test]
+fn a_large_state_object_is_uploaded_while_it_is_written() {
+    let moto = Moto::start();
+    let p = podfs().env("PODFS_LOG", "podfs::remote::s3=debug");
+    p.ok(&[
+        "remote",
+        "add",
+        "r",
+        &seed_url("growing-bucket", &moto.endpoint, SMALL_PARTS),
+    ]);
+    let src = tempfile::tempdir().unwrap();
+    make_tree(src.path(), 64 * MIB);
+    let out = p.run(&[
+        "save",
+        "growing",
+        "r",
+        "--from",
+        src.path().to_str().unwrap(),
+    ]);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_ok(&out, "podfs save");
+    assert!(
+        log.contains("uploading the parts of the state object as they are written"),
+        "{log}"
+    );
+    // About 64.3 MiB in 5 MiB parts: 13 parts.
+    let etag = moto.python(
+        r#"print(s3.head_object(Bucket="growing-bucket", Key="localstack-pod-growing-state-1.zip")["ETag"])"#,
+    );
+    assert!(
+        etag.trim().trim_matches('"').ends_with("-13"),
+        "ETag {etag}"
+    );
+    let dst = tempfile::tempdir().unwrap();
+    p.assert_loads("growing", "r", dst.path(), src.path());
+}
+
 /// Objects sit under the URL's key prefix and nowhere else.
 #[test]
 fn key_prefix_scopes_the_objects() {

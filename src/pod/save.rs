@@ -24,8 +24,8 @@ use super::state::{DEFAULT_COMPRESS_BELOW, StateInput, write_state_zip};
 use super::{PodError, PodName, PodResult, blocking};
 use tokio_util::sync::CancellationToken;
 
-use crate::progress::Progress;
-use crate::remote::{Remote, RemoteError};
+use crate::progress::{NoProgress, Progress};
+use crate::remote::{Growing, Remote, RemoteError};
 
 /// How many times a save moves to the next number before giving up.
 const MAX_ATTEMPTS: u32 = 64;
@@ -221,9 +221,19 @@ pub async fn save_changes(
     let has_state = !to_store.is_empty();
     // What this version's own state holds, by path: kept across a merge.
     let mut stored_at: HashMap<String, (u64, DataRef)> = HashMap::new();
+    let next = |n: u64| {
+        n.checked_add(1)
+            .ok_or_else(|| PodError::NoVersionNumberLeft {
+                pod: pod.to_string(),
+                remote: remote.name().to_owned(),
+                last: n,
+            })
+    };
+    let mut n = next(previous.unwrap_or(0))?;
+    // The upload of the state under `n`, run while the zip is written.
+    let mut first_put = None;
     if has_state {
         let total = to_store.iter().map(|(i, _)| entries[*i].size).sum();
-        progress.start("zipping", total);
         let inputs: Vec<StateInput> = to_store
             .iter()
             .map(|(i, source)| StateInput {
@@ -236,13 +246,34 @@ pub async fn save_changes(
             .collect();
         let dest = staged.path().to_owned();
         let compress_below = params.compress_below;
-        let p = Arc::clone(progress);
         let cancel = params.cancel.clone();
-        let stored =
-            blocking(move || write_state_zip(&dest, &inputs, compress_below, &*p, &cancel)).await;
+        let (tx, growing) = tokio::sync::watch::channel(Growing {
+            expected: total,
+            ..Growing::default()
+        });
+        // One bar for both: the bytes uploaded.
+        progress.start("saving", total);
+        let zipping = async {
+            let zipped = blocking(move || {
+                write_state_zip(
+                    &dest,
+                    &inputs,
+                    compress_below,
+                    &NoProgress,
+                    &cancel,
+                    Some(&tx),
+                )
+            })
+            .await;
+            changes.zipped();
+            zipped
+        };
+        let uploading =
+            remote.put_state_growing(pod, n, staged.path(), growing, Arc::clone(progress));
+        let (stored, put) = tokio::join!(zipping, uploading);
         progress.finish();
-        changes.zipped();
         let stored = stored.map_err(|e| cancelled_or(&params.cancel, e))?;
+        first_put = Some(put);
         for ((i, _), s) in to_store.iter().zip(stored) {
             let e = &mut entries[*i];
             e.size = s.size; // the file may have changed since the scan
@@ -267,15 +298,6 @@ pub async fn save_changes(
         outcome.logical_bytes = entries.iter().map(|e| e.size).sum();
     }
 
-    let next = |n: u64| {
-        n.checked_add(1)
-            .ok_or_else(|| PodError::NoVersionNumberLeft {
-                pod: pod.to_string(),
-                remote: remote.name().to_owned(),
-                last: n,
-            })
-    };
-    let mut n = next(previous.unwrap_or(0))?;
     for _ in 0..MAX_ATTEMPTS {
         let mut state_ids = reused_state_ids(&entries, prev.as_ref(), changes)?;
         // What the backend needs to commit the state uploaded under `n`: a new upload (under a
@@ -283,11 +305,17 @@ pub async fn save_changes(
         let mut stored = None;
         if has_state {
             state_ids.insert(n, new_state_id()?);
-            progress.start("uploading", outcome.stored_bytes);
-            let put = remote
-                .put_state(pod, n, staged.path(), Arc::clone(progress))
-                .await;
-            progress.finish();
+            let put = match first_put.take() {
+                Some(put) => put,
+                None => {
+                    progress.start("uploading", outcome.stored_bytes);
+                    let put = remote
+                        .put_state(pod, n, staged.path(), Arc::clone(progress))
+                        .await;
+                    progress.finish();
+                    put
+                }
+            };
             if params.cancel.is_cancelled() {
                 return Err(PodError::Cancelled(NOTHING_SAVED));
             }

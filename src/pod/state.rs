@@ -9,7 +9,12 @@
 
 use std::fs::File;
 use std::io::{self, BufWriter, Read};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use tokio::sync::watch;
 
 use zip::write::SimpleFileOptions;
 use zip::{CompressionMethod, DateTime};
@@ -20,6 +25,7 @@ use super::{PodError, PodResult};
 use tokio_util::sync::CancellationToken;
 
 use crate::progress::Progress;
+use crate::remote::Growing;
 
 /// Files below this size are deflated by default.
 pub const DEFAULT_COMPRESS_BELOW: u64 = 1 << 20;
@@ -49,19 +55,48 @@ pub struct StoredEntry {
     pub blocks: Option<Box<Blocks>>,
 }
 
+/// How many bytes a tracked zip writes between two reports of how far it is.
+const REPORT_EVERY: u64 = 4 << 20;
+
 /// Writes `inputs` as a zip into `dest` and returns, in input order, where each entry's data is.
-/// Stops with an error soon after `cancel` is cancelled.
+/// Stops with an error soon after `cancel` is cancelled. `growing`, if given, is told how far
+/// the file is written and which bytes may still change (an entry's header, until the entry is
+/// done), so that an upload can run while it is written ([`Remote::put_state_growing`]); its
+/// end is set once the zip is complete.
+///
+/// [`Remote::put_state_growing`]: crate::remote::Remote::put_state_growing
 pub fn write_state_zip(
     dest: &Path,
     inputs: &[StateInput],
     compress_below: u64,
     progress: &dyn Progress,
     cancel: &CancellationToken,
+    growing: Option<&watch::Sender<Growing>>,
 ) -> PodResult<Vec<StoredEntry>> {
     let file = File::create(dest).map_err(PodError::io(dest))?;
-    let mut zip = zip::ZipWriter::new(BufWriter::with_capacity(1 << 20, file));
+    let end = Arc::new(AtomicU64::new(0));
+    let tracked = Tracked {
+        file,
+        pos: 0,
+        end: Arc::clone(&end),
+    };
+    let mut zip = zip::ZipWriter::new(BufWriter::with_capacity(1 << 20, tracked));
     let zip_err = |e: zip::result::ZipError| PodError::io(dest)(io::Error::other(e));
+    // Flushes what the zip holds and reports it, with `open` the bytes that may still change.
+    let report = |zip: &mut zip::ZipWriter<BufWriter<Tracked>>, open: Option<Range<u64>>| {
+        let Some(g) = growing else {
+            return Ok::<_, io::Error>(0);
+        };
+        io::Write::flush(zip)?;
+        let written = end.load(Relaxed);
+        g.send_modify(|g| {
+            g.written = written;
+            g.open = open;
+        });
+        Ok(written)
+    };
     let mut sums = Vec::with_capacity(inputs.len());
+    let mut header: Option<Range<u64>> = None;
     for input in inputs {
         let (method, level) = if input.size < compress_below {
             (CompressionMethod::Deflated, Some(1))
@@ -74,7 +109,13 @@ pub fn write_state_zip(
             .unix_permissions(input.mode)
             .large_file(input.size >= u32::MAX as u64)
             .last_modified_time(dos_time(input.mtime));
+        // The previous entry's header is rewritten when this one starts.
+        let at = report(&mut zip, header.take()).map_err(PodError::io(dest))?;
         zip.start_file(input.name.as_str(), opts).map_err(zip_err)?;
+        if growing.is_some() {
+            let data_at = report(&mut zip, Some(at..u64::MAX)).map_err(PodError::io(dest))?;
+            header = Some(at..data_at);
+        }
         let src = File::open(&input.source).map_err(PodError::io(&input.source))?;
         // A file that grew past 4 GiB after the scan would need zip64 we did not ask for: cap it.
         let limit = if input.size >= u32::MAX as u64 {
@@ -88,7 +129,22 @@ pub fn write_state_zip(
             cancel,
             blocks: BlockHasher::new(CHECK_BLOCK),
         };
-        io::copy(&mut reader, &mut zip).map_err(PodError::io(&input.source))?;
+        let mut since = 0u64;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(PodError::io(&input.source)(e)),
+            };
+            io::Write::write_all(&mut zip, &buf[..n]).map_err(PodError::io(dest))?;
+            since += n as u64;
+            if since >= REPORT_EVERY {
+                since = 0;
+                report(&mut zip, header.clone()).map_err(PodError::io(dest))?;
+            }
+        }
         sums.push(reader.blocks.finish());
     }
     let mut out = zip.finish().map_err(zip_err)?;
@@ -96,10 +152,18 @@ pub fn write_state_zip(
     // Not synced: a backend that keeps this very file (the file remote links it) syncs it
     // itself; the others upload it from the page cache, and a sync here would first write it
     // all to disk (seconds per GiB).
-    drop(
-        out.into_inner()
-            .map_err(|e| PodError::io(dest)(e.into_error()))?,
-    );
+    let written = out
+        .into_inner()
+        .map_err(|e| PodError::io(dest)(e.into_error()))?;
+    let len = written.end.load(Relaxed);
+    drop(written);
+    if let Some(g) = growing {
+        g.send_modify(|g| {
+            g.written = len;
+            g.open = None;
+            g.end = Some(len);
+        });
+    }
     read_back(dest, inputs, sums)
 }
 
@@ -165,6 +229,34 @@ fn read_back(
 }
 
 /// Counts bytes read into a progress reporter and hashes each block of them.
+/// The zip's file, counting how far it is written (the zip seeks back to rewrite headers).
+struct Tracked {
+    file: File,
+    pos: u64,
+    /// The furthest byte written, shared with whoever reports it.
+    end: Arc<AtomicU64>,
+}
+
+impl io::Write for Tracked {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = io::Write::write(&mut self.file, buf)?;
+        self.pos += n as u64;
+        self.end.fetch_max(self.pos, Relaxed);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        io::Write::flush(&mut self.file)
+    }
+}
+
+impl io::Seek for Tracked {
+    fn seek(&mut self, to: io::SeekFrom) -> io::Result<u64> {
+        self.pos = io::Seek::seek(&mut self.file, to)?;
+        Ok(self.pos)
+    }
+}
+
 struct Counting<'a, R> {
     inner: R,
     progress: &'a dyn Progress,
@@ -232,6 +324,72 @@ mod tests {
         }
     }
 
+    /// Every report of a tracked zip names bytes that are in the file and never change again:
+    /// an upload may take them at once.
+    #[test]
+    fn a_tracked_zip_reports_only_bytes_that_never_change() {
+        let d = tempfile::tempdir().unwrap();
+        let noise = |n: u32, k: u32| -> Vec<u8> {
+            (0..n)
+                .map(|i| (i.wrapping_mul(2_654_435_761) >> (k % 24)) as u8)
+                .collect()
+        };
+        let inputs = vec![
+            input(d.path(), "a.bin", &noise(9 << 20, 3)),
+            input(d.path(), "small.txt", b"small"),
+            input(d.path(), "b.bin", &noise(6 << 20, 7)),
+        ];
+        let dest = d.path().join("state.zip");
+        let (tx, mut rx) = watch::channel(Growing::default());
+        let watched = dest.clone();
+        let watcher = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            loop {
+                let g = rx.borrow_and_update().clone();
+                if g.written > 0 {
+                    let bytes = std::fs::read(&watched).unwrap();
+                    seen.push((g.clone(), bytes));
+                }
+                if g.end.is_some() {
+                    return seen;
+                }
+                while !rx.has_changed().unwrap_or(true) {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+            }
+        });
+        write_state_zip(
+            &dest,
+            &inputs,
+            DEFAULT_COMPRESS_BELOW,
+            &NoProgress,
+            &CancellationToken::new(),
+            Some(&tx),
+        )
+        .unwrap();
+        let seen = watcher.join().unwrap();
+        let last = std::fs::read(&dest).unwrap();
+        assert_eq!(tx.borrow().end, Some(last.len() as u64));
+        assert!(seen.len() > 3, "{} reports", seen.len());
+        let mut headers_hidden = 0;
+        for (g, bytes) in &seen {
+            let written = usize::try_from(g.written).unwrap();
+            assert!(bytes.len() >= written);
+            for i in 0..written {
+                let open = g.open.as_ref().is_some_and(|o| o.contains(&(i as u64)));
+                if open {
+                    headers_hidden += 1;
+                } else {
+                    assert_eq!(bytes[i], last[i], "byte {i} changed after it was reported");
+                }
+            }
+        }
+        assert!(
+            headers_hidden > 0,
+            "headers being written are reported as open"
+        );
+    }
+
     #[test]
     fn offsets_point_at_the_bytes() {
         let d = tempfile::tempdir().unwrap();
@@ -248,6 +406,7 @@ mod tests {
             DEFAULT_COMPRESS_BELOW,
             &NoProgress,
             &CancellationToken::new(),
+            None,
         )
         .unwrap();
         assert_eq!(stored[0].method, Method::Deflate);
@@ -304,6 +463,7 @@ mod tests {
             DEFAULT_COMPRESS_BELOW,
             &NoProgress,
             &CancellationToken::new(),
+            None,
         )
         .unwrap();
         assert_eq!(stored[1].size, size);

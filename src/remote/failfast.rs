@@ -158,6 +158,21 @@ impl Remote for FailFast {
         guarded!(self, self.inner.put_state(pod, version, file, progress))
     }
 
+    async fn put_state_growing(
+        &self,
+        pod: &PodName,
+        version: u64,
+        file: &Path,
+        growing: tokio::sync::watch::Receiver<super::Growing>,
+        progress: Arc<dyn Progress>,
+    ) -> RemoteResult<StoredState> {
+        guarded!(
+            self,
+            self.inner
+                .put_state_growing(pod, version, file, growing, progress)
+        )
+    }
+
     async fn commit_version(
         &self,
         pod: &PodName,

@@ -97,6 +97,21 @@ impl Remote for Metered {
         self.count("put_state", r)
     }
 
+    async fn put_state_growing(
+        &self,
+        pod: &PodName,
+        version: u64,
+        file: &Path,
+        growing: tokio::sync::watch::Receiver<super::Growing>,
+        progress: Arc<dyn Progress>,
+    ) -> RemoteResult<StoredState> {
+        let r = self
+            .inner
+            .put_state_growing(pod, version, file, growing, progress)
+            .await;
+        self.count("put_state", r)
+    }
+
     async fn commit_version(
         &self,
         pod: &PodName,

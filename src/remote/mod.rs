@@ -22,6 +22,34 @@ use crate::config::RemoteUrl;
 use crate::name::PodName;
 use crate::progress::Progress;
 
+/// How far a file being written is, for [`Remote::put_state_growing`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Growing {
+    /// Bytes from the start that are in the file (flushed to the OS).
+    pub written: u64,
+    /// Bytes among those that may still change (a zip entry's header, rewritten once the entry
+    /// is done).
+    pub open: Option<std::ops::Range<u64>>,
+    /// The file's length, once it is complete: nothing changes any more.
+    pub end: Option<u64>,
+    /// About how long it will be (for part sizes).
+    pub expected: u64,
+}
+
+impl Growing {
+    /// Whether bytes `range` are written and final.
+    pub fn settled(&self, range: &std::ops::Range<u64>) -> bool {
+        if let Some(end) = self.end {
+            return range.end <= end;
+        }
+        range.end <= self.written
+            && self
+                .open
+                .as_ref()
+                .is_none_or(|o| o.end <= range.start || range.end <= o.start)
+    }
+}
+
 /// What went wrong talking to a remote, classified so callers can act on it.
 #[derive(Debug, thiserror::Error)]
 pub enum RemoteError {
@@ -184,6 +212,26 @@ pub trait Remote: Send + Sync + std::fmt::Debug {
         file: &Path,
         progress: Arc<dyn Progress>,
     ) -> RemoteResult<StoredState>;
+
+    /// As [`Remote::put_state`], with `file` still being written: `growing` says how far it is
+    /// written (and which bytes may still change), and its end once complete. A backend that can
+    /// upload while the file grows overrides this (S3: parts go up as they are written); by
+    /// default it waits for the end, then calls [`Remote::put_state`]. Fails if the writer stops
+    /// without an end (the sender dropped).
+    async fn put_state_growing(
+        &self,
+        pod: &PodName,
+        version: u64,
+        file: &Path,
+        mut growing: tokio::sync::watch::Receiver<Growing>,
+        progress: Arc<dyn Progress>,
+    ) -> RemoteResult<StoredState> {
+        growing
+            .wait_for(|g| g.end.is_some())
+            .await
+            .map_err(|_| RemoteError::Cancelled)?;
+        self.put_state(pod, version, file, progress).await
+    }
 
     /// Commits version `version` by creating its version object only if absent
     /// ([`RemoteError::AlreadyExists`] when another writer took the number first). `states` are

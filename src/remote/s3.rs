@@ -46,9 +46,9 @@ use futures::{StreamExt, TryStreamExt};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    MAX_VERSION_OBJECT, ObjectId, ObjectKind, Remote, RemoteError, RemoteResult, StoredState,
-    VersionId, check_new_state, numbers_among, object_name, parse_object_name, pods_among,
-    version_object_too_large,
+    Growing, MAX_VERSION_OBJECT, ObjectId, ObjectKind, Remote, RemoteError, RemoteResult,
+    StoredState, VersionId, check_new_state, numbers_among, object_name, parse_object_name,
+    pods_among, version_object_too_large,
 };
 use crate::config::{ChecksumMode, S3Url};
 use crate::name::PodName;
@@ -102,6 +102,13 @@ impl fmt::Debug for S3Remote {
 
 /// Why one attempt at a write failed: the bucket is missing (create it and try again), or
 /// anything else.
+/// The size of a file to upload: known, or growing as it is written.
+#[derive(Clone, Debug)]
+enum Sizing {
+    Known(u64),
+    Growing(tokio::sync::watch::Receiver<Growing>),
+}
+
 enum WriteFailure {
     NoBucket,
     Failed(RemoteError),
@@ -503,7 +510,7 @@ impl S3Remote {
         &self,
         key: &str,
         file: &Arc<std::fs::File>,
-        size: u64,
+        size: Sizing,
         progress: &dyn Progress,
     ) -> Result<(), WriteFailure> {
         let created = self
@@ -527,7 +534,7 @@ impl S3Remote {
         // On shutdown the parts in flight are dropped and the upload is aborted below, so an
         // interrupted save leaves no parts behind.
         let result = tokio::select! {
-            r = self.upload_parts(key, &upload_id, file, size, progress) => r,
+            r = self.upload_parts(key, &upload_id, file, size.clone(), progress) => r,
             () = self.shutdown.cancelled() => Err(RemoteError::Cancelled),
         };
         if result.is_err() {
@@ -557,40 +564,97 @@ impl S3Remote {
         key: &str,
         upload_id: &str,
         file: &Arc<std::fs::File>,
-        size: u64,
+        size: Sizing,
         progress: &dyn Progress,
     ) -> RemoteResult<()> {
-        let part_size = self.part_size.max(size.div_ceil(MAX_PARTS));
-        let count = size.div_ceil(part_size);
-        let mut parts: Vec<CompletedPart> = futures::stream::iter(0..count)
-            .map(|i| {
-                let start = i * part_size;
-                let len = part_size.min(size - start);
-                async move {
-                    let data = pread(file, start, len).await?;
-                    let number = i32::try_from(i + 1).map_err(|_| RemoteError::Other {
-                        remote: self.name.clone(),
-                        detail: "too many parts".into(),
-                    })?;
-                    let resp = self
-                        .client
-                        .upload_part()
-                        .bucket(&self.bucket)
-                        .key(key)
-                        .upload_id(upload_id)
-                        .part_number(number)
-                        .body(ByteStream::from(data))
-                        .send()
-                        .await
-                        .map_err(|e| self.classify(e, key))?;
-                    progress.advance(len);
-                    Ok::<_, RemoteError>(
-                        CompletedPart::builder()
-                            .part_number(number)
-                            .set_e_tag(resp.e_tag().map(str::to_owned))
-                            .build(),
-                    )
+        let (part_size, growing) = match size {
+            Sizing::Known(size) => {
+                let ready = Growing {
+                    written: size,
+                    open: None,
+                    end: Some(size),
+                    expected: size,
+                };
+                (
+                    self.part_size.max(size.div_ceil(MAX_PARTS)),
+                    tokio::sync::watch::channel(ready).1,
+                )
+            }
+            // Room for twice the size expected.
+            Sizing::Growing(g) => {
+                let expected = g.borrow().expected;
+                (self.part_size.max((2 * expected).div_ceil(MAX_PARTS)), g)
+            }
+        };
+        // Each part once its bytes are written and final (all at once for a complete file), in
+        // order, but for a part holding a header still open (rewritten when its entry is done):
+        // it goes once it is final, so that the parts after it need not wait.
+        let part = move |k: u64, end: Option<u64>| {
+            let start = k * part_size;
+            (
+                k,
+                start,
+                end.map_or(part_size, |e| part_size.min(e - start)),
+            )
+        };
+        let ready = futures::stream::unfold(
+            (0u64, Vec::<u64>::new(), growing),
+            move |(mut i, mut deferred, mut g)| async move {
+                loop {
+                    let now = g.borrow_and_update().clone();
+                    let range = |k: u64| k * part_size..(k + 1) * part_size;
+                    if let Some(at) = deferred.iter().position(|&k| now.settled(&range(k))) {
+                        let k = deferred.remove(at);
+                        return Some((Ok(part(k, now.end)), (i, deferred, g)));
+                    }
+                    if let Some(end) = now.end {
+                        if i * part_size >= end && i > 0 {
+                            return None;
+                        }
+                        return Some((Ok(part(i, now.end)), (i + 1, deferred, g)));
+                    }
+                    if now.settled(&range(i)) {
+                        return Some((Ok(part(i, None)), (i + 1, deferred, g)));
+                    }
+                    if range(i).end <= now.written {
+                        deferred.push(i);
+                        i += 1;
+                        continue;
+                    }
+                    if g.changed().await.is_err() {
+                        // The writer stopped without finishing the file.
+                        let stop = (u64::MAX / part_size, Vec::new(), g);
+                        return Some((Err(RemoteError::Cancelled), stop));
+                    }
                 }
+            },
+        );
+        let mut parts: Vec<CompletedPart> = ready
+            .map(|part| async move {
+                let (i, start, len) = part?;
+                let data = pread(file, start, len).await?;
+                let number = i32::try_from(i + 1).map_err(|_| RemoteError::Other {
+                    remote: self.name.clone(),
+                    detail: "too many parts".into(),
+                })?;
+                let resp = self
+                    .client
+                    .upload_part()
+                    .bucket(&self.bucket)
+                    .key(key)
+                    .upload_id(upload_id)
+                    .part_number(number)
+                    .body(ByteStream::from(data))
+                    .send()
+                    .await
+                    .map_err(|e| self.classify(e, key))?;
+                progress.advance(len);
+                Ok::<_, RemoteError>(
+                    CompletedPart::builder()
+                        .part_number(number)
+                        .set_e_tag(resp.e_tag().map(str::to_owned))
+                        .build(),
+                )
             })
             .buffer_unordered(PARTS_IN_FLIGHT)
             .try_collect()
@@ -875,8 +939,52 @@ impl Remote for S3Remote {
                 self.name
             )));
         }
-        self.with_bucket(|| self.put_multipart(&key, &opened, size, &*progress))
+        self.with_bucket(|| self.put_multipart(&key, &opened, Sizing::Known(size), &*progress))
             .await?;
+        Ok(StoredState::named(pod, version))
+    }
+
+    /// Uploads the parts of the state zip as they are written: a large save's upload runs with
+    /// its zip, not after it.
+    async fn put_state_growing(
+        &self,
+        pod: &PodName,
+        version: u64,
+        file: &Path,
+        mut growing: tokio::sync::watch::Receiver<Growing>,
+        progress: Arc<dyn Progress>,
+    ) -> RemoteResult<StoredState> {
+        let first = self.part_size;
+        let start = growing
+            .wait_for(|g| g.end.is_some() || g.written > first)
+            .await
+            .map_err(|_| RemoteError::Cancelled)?
+            .clone();
+        if start.end.is_some() {
+            return self.put_state(pod, version, file, progress).await;
+        }
+        let key = self.key(pod, ObjectKind::State, version);
+        if self.exists(&key).await? {
+            return Err(RemoteError::AlreadyExists(format!(
+                "{} on remote {:?}",
+                self.object_url(&key),
+                self.name
+            )));
+        }
+        let context = format!("opening {}", file.display());
+        let path = file.to_owned();
+        let opened = tokio::task::spawn_blocking(move || std::fs::File::open(path))
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|r| r)
+            .map_err(RemoteError::io(context))?;
+        let opened = Arc::new(opened);
+        tracing::debug!(remote = %self.name, key, "uploading the parts of the state object as they are written");
+        self.with_bucket(|| {
+            let sizing = Sizing::Growing(growing.clone());
+            self.put_multipart(&key, &opened, sizing, &*progress)
+        })
+        .await?;
         Ok(StoredState::named(pod, version))
     }
 
