@@ -1670,3 +1670,30 @@ fn a_file_saved_by_the_mount_is_read_back_from_its_own_copy_without_a_fetch() {
     );
     assert!(sample(&metrics, "podfs_cache_copy_hits_total", "") >= 1.0);
 }
+
+/// A handle goes on writing after its `fsync` committed the file (a log, a database): the next
+/// writes land, and the next save holds them.
+#[test]
+fn a_handle_writes_on_after_its_fsync_committed_the_file() {
+    let (b, _src, m) = mounted_pod("write_after_fsync", &["--save-delay", "1h"]);
+    let pod = b.pod();
+    let root = m.pod(b.remote(), &pod);
+    let path = root.join("dir/medium.bin");
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap();
+    f.write_all(b"first").unwrap();
+    f.sync_all().unwrap();
+    assert_eq!(b.versions(&pod), [1, 2]);
+    f.write_all(b"second").unwrap();
+    f.set_len(f.metadata().unwrap().len() + 3).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    assert_eq!(b.versions(&pod), [1, 2, 3]);
+    let mut want = noise(support::tree::MEDIUM, 1);
+    want.extend_from_slice(b"firstsecond\0\0\0");
+    assert!(std::fs::read(&path).unwrap() == want);
+    let v3 = loaded(&b, &format!("{pod}:3"));
+    assert!(std::fs::read(v3.path().join("dir/medium.bin")).unwrap() == want);
+}

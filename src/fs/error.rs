@@ -51,6 +51,10 @@ pub enum FsError {
     /// Extended attributes cannot be written: pods store none.
     #[error("extended attributes cannot be stored in a pod")]
     NotSupported,
+    /// A write to a file that was committed since it was opened and has no data file any more:
+    /// the caller copies it up again. Never reaches the kernel but as EIO.
+    #[error("the file must be copied to staging again before it is written")]
+    NotStaged,
     /// A file being saved cannot be truncated this instant; the caller may retry.
     #[error("the file is being saved: try again")]
     Busy,
@@ -99,7 +103,7 @@ impl FsError {
             FsError::NotSupported => libc::EOPNOTSUPP,
             FsError::Busy => libc::EBUSY,
             FsError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
-            FsError::Staging(_) | FsError::SaveFailed => libc::EIO,
+            FsError::Staging(_) | FsError::SaveFailed | FsError::NotStaged => libc::EIO,
             FsError::Pod(e) => pod_errno(e),
             FsError::Remote(e) => remote_errno(e),
         }

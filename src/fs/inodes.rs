@@ -112,6 +112,22 @@ impl InodeTable {
         }
     }
 
+    /// The inodes of `pod`'s working tree on remote `r`: its root (`None`) and its objects.
+    pub fn of_working_tree(&self, r: usize, pod: &PodName) -> Vec<(u64, Option<u64>)> {
+        self.by_node
+            .iter()
+            .filter_map(|(node, &ino)| match node {
+                Node::Pod(nr, p) if *nr == r && p == pod => Some((ino, None)),
+                Node::Live {
+                    remote,
+                    pod: p,
+                    obj,
+                } if *remote == r && p == pod => Some((ino, Some(*obj))),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Inodes in the table.
     pub fn len(&self) -> usize {
         self.by_ino.len()

@@ -270,6 +270,31 @@ impl PodFs {
         }
     }
 
+    /// Tells the kernel, from a blocking task, to drop the listings (and attributes) it keeps of
+    /// the directories of `ws`'s working tree: a save or a newer version changed them.
+    fn forget_listings(&self, ws: &workspace::Workspace) {
+        let Some(f) = self.invalidate.get() else {
+            return;
+        };
+        let dirs: Vec<u64> = lock(&self.inodes)
+            .of_working_tree(ws.remote, &ws.pod)
+            .into_iter()
+            .filter(|(_, obj)| {
+                obj.is_none_or(|o| ws.item_of(o).is_ok_and(|i| i.entry.kind == Kind::Dir))
+            })
+            .map(|(ino, _)| ino)
+            .collect();
+        if dirs.is_empty() {
+            return;
+        }
+        let f = Arc::clone(f);
+        tokio::task::spawn_blocking(move || {
+            for ino in dirs {
+                f(Forget::Data { ino });
+            }
+        });
+    }
+
     /// Shows the remotes `source` configures instead of a fixed list, following changes within
     /// [`FsConfig::refresh`].
     pub fn following(mut self, source: Arc<dyn RemoteSource>) -> Self {
@@ -878,10 +903,16 @@ impl PodFs {
     /// a version), so that the kernel may keep it.
     pub async fn opendir(&self, ino: u64) -> FsResult<(u64, bool)> {
         let entries = self.list(ino).await?;
-        let immutable = matches!(self.node(ino)?, Node::Path { .. });
+        // A version's directory never changes; one of a working tree changes through the kernel
+        // (which then drops its copy), or by a save or another writer's version (then the mount
+        // tells it to: `PodFs::forget_listings`).
+        let keep = matches!(
+            self.node(ino)?,
+            Node::Path { .. } | Node::Pod(..) | Node::Live { .. }
+        );
         let fh = self.handle();
         lock(&self.dirs).insert(fh, Arc::new(entries));
-        Ok((fh, immutable))
+        Ok((fh, keep))
     }
 
     fn listing(&self, fh: u64) -> FsResult<Arc<Vec<Listed>>> {

@@ -155,6 +155,8 @@ impl PodFs {
         drop(snap);
         self.keep_as_copies(ws, &remote, &obj, kept).await;
         self.note_committed(ws.remote, &ws.pod, obj);
+        // A merge with another writer's version changes listings behind the kernel's back.
+        self.forget_listings(ws);
         let remote_name = self.remote_name(ws.remote).unwrap_or_default();
         match outcome.version {
             Some(v) => tracing::info!(

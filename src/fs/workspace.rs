@@ -36,8 +36,9 @@ struct Obj {
     /// `None`: unlinked; `orphan` holds it until its last handle goes.
     path: Option<String>,
     orphan: Option<Item>,
-    /// Open handles.
+    /// Open handles, and those of them open for writing.
     open: u32,
+    writers: u32,
     /// Changes made to it through the mount (not those of a newer base).
     changes: u64,
 }
@@ -59,6 +60,9 @@ struct Inner {
     last_change: Instant,
     /// Handles open for writing.
     writers: usize,
+    /// Data files kept after a commit for files still open for writing: path to the data file
+    /// and the committed item it holds the bytes of ([`Workspace::restage`]).
+    clean: HashMap<String, (u64, Item)>,
 }
 
 /// What a save stores: the staged changes as they were at one instant.
@@ -175,6 +179,7 @@ impl Workspace {
                 seq: 0,
                 last_change: Instant::now(),
                 writers: 0,
+                clean: HashMap::new(),
             }),
             saved: watch::channel(0).0,
             thawed: Notify::new(),
@@ -278,13 +283,13 @@ impl Workspace {
         (g.writers == 0).then(|| g.last_change.elapsed())
     }
 
-    /// A newer base with nothing staged (another writer saved the pod). A file or symlink it
-    /// changed becomes a new object, as if replaced by a rename: handles open on the old one
+    /// A newer base with nothing staged (another writer saved the pod); `false` if it is the
+    /// base already. A file or symlink it changed becomes a new object, as if replaced by a rename: handles open on the old one
     /// keep reading what they opened, and the kernel's page cache of it stays right.
-    pub fn rebase(&self, obj: Arc<VersionObject>) {
+    pub fn rebase(&self, obj: Arc<VersionObject>) -> bool {
         let mut g = lock(&self.inner);
         if !g.overlay.is_clean() || g.overlay.base().is_some_and(|b| Arc::ptr_eq(b, &obj)) {
-            return;
+            return false;
         }
         let old: Vec<(String, u64, Option<Item>)> = g
             .ids
@@ -311,6 +316,7 @@ impl Workspace {
                 }
             }
         }
+        true
     }
 
     /// The object at `path` (`""`: the root), given an id on first sight.
@@ -572,9 +578,7 @@ impl Workspace {
         let mut g = lock(&self.inner);
         let mut item = item_of(&g, obj)?;
         if let Some(size) = size {
-            let id = item
-                .staged
-                .ok_or(FsError::Invalid("truncating a file not open for writing"))?;
+            let id = item.staged.ok_or(FsError::NotStaged)?;
             if g.frozen.contains(&id) {
                 return Err(FsError::Busy);
             }
@@ -618,11 +622,41 @@ impl Workspace {
         self.change(g, Op::Put(item))
     }
 
+    /// Stages `obj` again from the data file kept at its last commit for its writers
+    /// (`clean`), if that still holds what `item` says: no copy-up for a file written on after
+    /// its `fsync`.
+    fn restage(&self, g: &mut Inner, obj: u64, item: &Item) -> FsResult<Option<Item>> {
+        let Some(path) = g.objs.get(&obj).and_then(|o| o.path.clone()) else {
+            return Ok(None);
+        };
+        let Some((id, was)) = g.clean.remove(&path) else {
+            return Ok(None);
+        };
+        if &was != item {
+            drop_data(g, id);
+            return Ok(None);
+        }
+        let mut now = item.clone();
+        now.staged = Some(id);
+        now.entry.data = None;
+        now.version = None;
+        now.state_id = None;
+        g.writes.insert(id, 0);
+        self.put(g, obj, now.clone())?;
+        Ok(Some(now))
+    }
+
     /// Whether `obj` can be written now, or needs its bytes copied up first; `truncate` gives
     /// it an empty data file instead.
     pub fn ready_to_write(&self, obj: u64, truncate: bool) -> FsResult<WriteReady> {
         let mut g = lock(&self.inner);
-        let item = item_of(&g, obj)?;
+        let mut item = item_of(&g, obj)?;
+        if item.staged.is_none()
+            && !truncate
+            && let Some(again) = self.restage(&mut g, obj, &item)?
+        {
+            item = again;
+        }
         if item.entry.kind != Kind::File {
             return Err(FsError::IsADirectory);
         }
@@ -682,6 +716,7 @@ impl Workspace {
         let mut g = lock(&self.inner);
         if let Some(o) = g.objs.get_mut(&obj) {
             o.open += 1;
+            o.writers += u32::from(write);
         }
         if write {
             g.writers += 1;
@@ -696,13 +731,22 @@ impl Workspace {
             g.last_change = Instant::now();
             self.wake.notify_one();
         }
-        let gone = match g.objs.get_mut(&obj) {
+        let (gone, unwritten) = match g.objs.get_mut(&obj) {
             Some(o) => {
                 o.open = o.open.saturating_sub(1);
-                o.open == 0 && o.path.is_none()
+                o.writers = o.writers.saturating_sub(u32::from(write));
+                (o.open == 0 && o.path.is_none(), o.writers == 0)
             }
-            None => false,
+            None => (false, false),
         };
+        // The data file kept for its writers after a commit is not needed any more.
+        if write
+            && unwritten
+            && let Some(path) = g.objs.get(&obj).and_then(|o| o.path.clone())
+            && let Some((id, _)) = g.clean.remove(&path)
+        {
+            drop_data(&mut g, id);
+        }
         if gone
             && let Some(o) = g.objs.remove(&obj)
             && let Some(id) = o.orphan.and_then(|i| i.staged)
@@ -716,9 +760,13 @@ impl Workspace {
     pub fn write(&self, obj: u64, offset: u64, data: &[u8]) -> FsResult<Option<u64>> {
         let mut g = lock(&self.inner);
         let mut item = item_of(&g, obj)?;
-        let id = item
-            .staged
-            .ok_or(FsError::Invalid("writing a file not open for writing"))?;
+        if item.staged.is_none()
+            && let Some(again) = self.restage(&mut g, obj, &item)?
+        {
+            item = again;
+        }
+        // Committed since it was opened, with no data file kept: copied up again first.
+        let id = item.staged.ok_or(FsError::NotStaged)?;
         if g.frozen.contains(&id) {
             return Ok(None);
         }
@@ -838,6 +886,22 @@ impl Workspace {
             }
             let unchanged =
                 inner.writes.contains_key(&id) && inner.writes.get(&id) == snap.writes.get(&id);
+            let writing = inner
+                .ids
+                .get(path)
+                .and_then(|o| inner.objs.get(o))
+                .is_some_and(|o| o.writers > 0);
+            if writing
+                && unchanged
+                && let Some(now) = inner.overlay.get(path)
+            {
+                // Its writers go on writing it: kept for them (restage), not copied up again.
+                inner.writes.remove(&id);
+                if let Some((old, _)) = inner.clean.insert(path.clone(), (id, now)) {
+                    drop_data(inner, old);
+                }
+                continue;
+            }
             match (&inner.staging, unchanged) {
                 (Some(s), true) => {
                     inner.files.remove(&id);
@@ -906,6 +970,7 @@ impl Workspace {
         if g.overlay.is_clean()
             && g.objs.values().all(|o| o.orphan.is_none())
             && g.frozen.is_empty()
+            && g.clean.is_empty()
         {
             g.files.clear();
             if let Some(s) = g.staging.take() {
@@ -979,6 +1044,7 @@ fn obj_at(g: &mut Inner, path: &str) -> u64 {
             path: Some(path.to_owned()),
             orphan: None,
             open: 0,
+            writers: 0,
             changes: 0,
         },
     );

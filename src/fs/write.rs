@@ -101,8 +101,9 @@ impl PodFs {
                 && let Ok((generation, versions)) = self.pod(r, pod).await
                 && let Some(&latest) = versions.last()
                 && let Ok(obj) = self.manifest(r, pod, generation, latest).await
+                && ws.rebase(obj)
             {
-                ws.rebase(obj);
+                self.forget_listings(&ws);
             }
             return Ok(ws);
         }
@@ -446,7 +447,8 @@ impl PodFs {
         };
         match live.ws.write(live.obj, offset, data) {
             Ok(Some(_)) => Some(Ok(u32::try_from(data.len()).unwrap_or(u32::MAX))),
-            Ok(None) => None,
+            // Frozen, or to be copied up again: on the runtime.
+            Ok(None) | Err(FsError::NotStaged) => None,
             Err(e) => Some(Err(e)),
         }
     }
@@ -465,10 +467,16 @@ impl PodFs {
             let thawed = live.ws.thawed.notified();
             tokio::pin!(thawed);
             thawed.as_mut().enable();
-            if live.ws.write(live.obj, offset, data)?.is_some() {
-                return Ok(u32::try_from(data.len()).unwrap_or(u32::MAX));
+            match live.ws.write(live.obj, offset, data) {
+                Ok(Some(_)) => return Ok(u32::try_from(data.len()).unwrap_or(u32::MAX)),
+                Ok(None) => thawed.await,
+                Err(FsError::NotStaged) => {
+                    if let WriteReady::CopyUp(item) = live.ws.ready_to_write(live.obj, false)? {
+                        self.copy_up(&live.ws, live.ino, live.obj, item).await?;
+                    }
+                }
+                Err(e) => return Err(e),
             }
-            thawed.await;
         }
     }
 
@@ -655,6 +663,11 @@ impl PodFs {
             match ws.set_attr(*obj, set.mode, set.size, set.mtime) {
                 Ok(item) => return Ok(self.item_attr(ino, &item, ws.subdirs(&item))),
                 Err(FsError::Busy) => thawed.await,
+                Err(FsError::NotStaged) => {
+                    if let WriteReady::CopyUp(item) = ws.ready_to_write(*obj, false)? {
+                        self.copy_up(&ws, ino, *obj, item).await?;
+                    }
+                }
                 Err(e) => return Err(e),
             }
         }
