@@ -746,6 +746,7 @@ impl Workspace {
             && let Some((id, _)) = g.clean.remove(&path)
         {
             drop_data(&mut g, id);
+            tidy(&mut g);
         }
         if gone
             && let Some(o) = g.objs.remove(&obj)
@@ -966,17 +967,7 @@ impl Workspace {
 
     /// Nothing staged any more: removes the staging dir.
     pub fn tidy(&self) {
-        let mut g = lock(&self.inner);
-        if g.overlay.is_clean()
-            && g.objs.values().all(|o| o.orphan.is_none())
-            && g.frozen.is_empty()
-            && g.clean.is_empty()
-        {
-            g.files.clear();
-            if let Some(s) = g.staging.take() {
-                s.remove();
-            }
-        }
+        tidy(&mut lock(&self.inner));
     }
 }
 
@@ -1021,6 +1012,22 @@ impl Changes for Snapshot {
 impl Drop for Snapshot {
     fn drop(&mut self) {
         self.ws.thaw(self);
+    }
+}
+
+/// Removes the staging dir if it holds nothing any more: no change, no unlinked open file, no
+/// data file being zipped or kept for writers. A new pod keeps it until its first version.
+fn tidy(g: &mut Inner) {
+    if g.overlay.is_clean()
+        && g.overlay.base().is_some()
+        && g.objs.values().all(|o| o.orphan.is_none())
+        && g.frozen.is_empty()
+        && g.clean.is_empty()
+    {
+        g.files.clear();
+        if let Some(s) = g.staging.take() {
+            s.remove();
+        }
     }
 }
 

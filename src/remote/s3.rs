@@ -678,6 +678,19 @@ impl S3Remote {
     }
 }
 
+/// `file`, opened to be uploaded, and its length now.
+async fn open_to_upload(file: &Path) -> RemoteResult<(Arc<std::fs::File>, u64)> {
+    let context = format!("opening {}", file.display());
+    let path = file.to_owned();
+    let opened = tokio::task::spawn_blocking(move || std::fs::File::open(path))
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r)
+        .map_err(RemoteError::io(context.clone()))?;
+    let size = opened.metadata().map_err(RemoteError::io(context))?.len();
+    Ok((Arc::new(opened), size))
+}
+
 /// An HTTPS client that trusts the system roots and the PEM certificates in `bundle`
 /// (`AWS_CA_BUNDLE`).
 async fn https_client_trusting(
@@ -914,15 +927,7 @@ impl Remote for S3Remote {
         progress: Arc<dyn Progress>,
     ) -> RemoteResult<StoredState> {
         let key = self.key(pod, ObjectKind::State, version);
-        let context = format!("opening {}", file.display());
-        let path = file.to_owned();
-        let opened = tokio::task::spawn_blocking(move || std::fs::File::open(path))
-            .await
-            .map_err(std::io::Error::other)
-            .and_then(|r| r)
-            .map_err(RemoteError::io(context.clone()))?;
-        let size = opened.metadata().map_err(RemoteError::io(context))?.len();
-        let opened = Arc::new(opened);
+        let (opened, size) = open_to_upload(file).await?;
         if size <= self.part_size {
             let body = pread(&opened, 0, size).await?;
             self.with_bucket(|| self.put_small(&key, body.clone()))
@@ -971,14 +976,7 @@ impl Remote for S3Remote {
                 self.name
             )));
         }
-        let context = format!("opening {}", file.display());
-        let path = file.to_owned();
-        let opened = tokio::task::spawn_blocking(move || std::fs::File::open(path))
-            .await
-            .map_err(std::io::Error::other)
-            .and_then(|r| r)
-            .map_err(RemoteError::io(context))?;
-        let opened = Arc::new(opened);
+        let (opened, _) = open_to_upload(file).await?;
         tracing::debug!(remote = %self.name, key, "uploading the parts of the state object as they are written");
         self.with_bucket(|| {
             let sizing = Sizing::Growing(growing.clone());
