@@ -720,7 +720,7 @@ fn answer_open(
     if opened.write {
         if !fs.passthrough.open_for_writing(ino, opened.fh, reply) {
             // The kernel reads this inode from a backing file: writes would bypass the mount.
-            fs.release_unanswered(ino, opened.fh);
+            fs.release_unanswered(opened.fh);
             return;
         }
         if let Some(m) = metrics {

@@ -80,7 +80,7 @@ fn moved(path: &str, from: &str, to: &str) -> String {
 }
 
 /// Whether `path` is `dir` or below it.
-fn within(path: &str, dir: &str) -> bool {
+pub(super) fn within(path: &str, dir: &str) -> bool {
     path.strip_prefix(dir)
         .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }

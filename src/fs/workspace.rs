@@ -19,7 +19,7 @@ use std::time::{Instant, SystemTime};
 
 use tokio::sync::{Notify, watch};
 
-use super::overlay::{Item, Op, Overlay};
+use super::overlay::{Item, Op, Overlay, within};
 use super::staging::{Staging, StagingError};
 use super::{FsError, FsResult};
 use crate::name::PodName;
@@ -1112,11 +1112,6 @@ fn swap_ids(g: &mut Inner, a: &str, b: &str) {
     move_ids(g, a, tmp);
     move_ids(g, b, a);
     move_ids(g, tmp, b);
-}
-
-fn within(path: &str, dir: &str) -> bool {
-    path.strip_prefix(dir)
-        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
 /// The directory `path` is in (`""`: the root).

@@ -432,7 +432,7 @@ impl PodFs {
     }
 
     /// Drops handle `fh` of `ino`, which the kernel never got.
-    pub(super) fn release_unanswered(&self, _ino: u64, fh: u64) {
+    pub(super) fn release_unanswered(&self, fh: u64) {
         if let Some(live) = lock(&self.live).remove(&fh) {
             live.released(&self.reader);
         }
